@@ -1,0 +1,1 @@
+"""The application: settings, CLI, alert store, scheduler service, scale-out adapters."""

@@ -1,0 +1,1 @@
+"""Streamlit pages for operators (read the store and the registry; never train or score)."""

@@ -1,0 +1,48 @@
+"""One recurrent step of the selective scan, for streaming (torch ops; works on any device)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels._validate import check_tensor
+
+
+def selective_state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
+                           B: torch.Tensor, C: torch.Tensor, D: torch.Tensor | None = None,
+                           z: torch.Tensor | None = None, dt_bias: torch.Tensor | None = None,
+                           dt_softplus: bool = False) -> torch.Tensor:
+    """Advance ``state`` (batch, d_inner, d_state) by one step IN PLACE and return y (batch, d_inner).
+
+    x, dt, z: (batch, d_inner); A: (d_inner, d_state); B, C: (batch, d_state); D, dt_bias: (d_inner,).
+    Math is that of one time step of ``selective_scan`` (state kept in its own dtype, fp32 normally).
+    """
+    check_tensor("state", state, None)
+    if state.dim() != 3:
+        raise ValueError(f"state: expected shape (batch, d_inner, d_state), got {tuple(state.shape)}")
+    b, d, n = state.shape
+    check_tensor("x", x, (b, d))
+    check_tensor("dt", dt, (b, d))
+    check_tensor("A", A, (d, n))
+    check_tensor("B", B, (b, n))
+    check_tensor("C", C, (b, n))
+    check_tensor("D", D, (d,), optional=True)
+    check_tensor("z", z, (b, d), optional=True)
+    check_tensor("dt_bias", dt_bias, (d,), optional=True)
+    cd = state.dtype if state.dtype in (torch.float32, torch.float64) else torch.float32
+    delta = dt.to(cd)
+    if dt_bias is not None:
+        delta = delta + dt_bias.to(cd)
+    if dt_softplus:
+        delta = F.softplus(delta)
+    xf = x.to(cd)
+    dA = torch.exp(delta[:, :, None] * A.to(cd)[None])
+    dBx = delta[:, :, None] * B.to(cd)[:, None, :] * xf[:, :, None]
+    new_state = state.to(cd) * dA + dBx
+    state.copy_(new_state.to(state.dtype))
+    y = torch.einsum("bdn,bn->bd", new_state, C.to(cd))
+    if D is not None:
+        y = y + xf * D.to(cd)
+    if z is not None:
+        y = y * F.silu(z.to(cd))
+    return y.to(x.dtype)

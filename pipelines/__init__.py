@@ -1,0 +1,1 @@
+"""Pipeline stages as functions over polars frames: ingest, train, score, evaluate, register."""
