@@ -1,0 +1,227 @@
+"""The trained detector: forecaster + per-sensor scalers + label-free thresholds, scored in chunks.
+
+Forecaster -> scorer -> detector, as a composition (STYLE.md): `RoMForecaster` forecasts each next step,
+`RoMDetector.score` turns one equipment's readings into a per-step anomaly score (the forecast NLL summed
+over observed sensors), per-sensor attribution (the per-sensor NLL terms) and the experts that fired, and
+`threshold_` (per equipment type, fitted on held-back normal data) turns scores into flags.
+
+This is the one object that training produces, the registry stores, and scoring / evaluation load. It is
+saved as a folder: ``weights.pt`` (a state_dict, loaded with weights_only=True) and ``detector.json``
+(config, sensor lists, scalers, thresholds). Streaming state is serialised with `state_to_bytes` so the
+application can keep it in its database and resume tomorrow exactly where today stopped.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rmamba import ForecasterState, LayerState, RoMConfig, RoMForecaster
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "weights.pt"
+META_FILE = "detector.json"
+
+
+@dataclass
+class RobustScaler:
+    """Per-sensor robust normalisation: (x - median) / scale, scale = IQR / 1.349 (the normal's sigma)."""
+
+    median_: np.ndarray  # (n_sensors,)
+    scale_: np.ndarray   # (n_sensors,)
+
+    @classmethod
+    def fit(cls, values: np.ndarray, mask: np.ndarray | None = None, min_scale: float = 1e-6) -> RobustScaler:
+        """values (T, n) with NaN or mask=False where missing. A sensor never observed gets median 0, scale 1.
+        A constant sensor (IQR 0) falls back to its std, then to 1e-3 of its magnitude, then to 1."""
+        x = _masked(values, mask)
+        n = x.shape[1]
+        med, scale = np.zeros(n), np.ones(n)
+        for j in range(n):
+            col = x[:, j][np.isfinite(x[:, j])]
+            if col.size == 0:
+                continue
+            med[j] = float(np.median(col))
+            q75, q25 = np.percentile(col, [75, 25])
+            s = (q75 - q25) / 1.349
+            if not s > min_scale:
+                s = float(np.std(col))
+            if not s > min_scale:
+                s = max(abs(med[j]) * 1e-3, 1.0)
+            scale[j] = s
+        return cls(med, scale)
+
+    def transform(self, values: np.ndarray) -> np.ndarray:
+        return (values - self.median_) / self.scale_
+
+    def to_dict(self) -> dict:
+        return {"median": self.median_.tolist(), "scale": self.scale_.tolist()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RobustScaler:
+        return cls(np.asarray(d["median"], dtype=np.float64), np.asarray(d["scale"], dtype=np.float64))
+
+
+def _masked(values: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """values (T, n) as float64 with NaN where mask is False (mask None: keep NaN as the only missing)."""
+    x = np.array(values, dtype=np.float64, copy=True)
+    if x.ndim != 2:
+        raise ValueError(f"values: expected shape (time, n_sensors), got {x.shape}")
+    if mask is not None:
+        m = np.asarray(mask, dtype=bool)
+        if m.shape != x.shape:
+            raise ValueError(f"mask: expected the shape of values {x.shape}, got {m.shape}")
+        x[~m] = np.nan
+    return x
+
+
+@dataclass
+class ScoreResult:
+    """One equipment's scores over a span of L steps."""
+
+    score: np.ndarray        # (L,) forecast NLL summed over observed sensors; NaN where nothing was scored
+    attribution: np.ndarray  # (L, n_sensors) per-sensor NLL terms (0 where not scored)
+    scored: np.ndarray       # (L,) bool: at least one sensor observed and forecast
+    top_experts: np.ndarray | None  # (n_layers, L, K) int16 experts chosen per step; None for a dense model
+    state: ForecasterState | None = field(repr=False, default=None)
+
+
+class RoMDetector:
+    """A trained forecaster with its scalers and thresholds. Learned state ends in an underscore."""
+
+    def __init__(self, model: RoMForecaster, sensors: dict[str, list[str]], scalers: dict[str, RobustScaler],
+                 thresholds: dict[str, float] | None = None, info: dict | None = None):
+        if set(sensors) != set(model.equipment_types):
+            raise ValueError(f"sensors: expected the model's equipment types {sorted(model.equipment_types)}, "
+                             f"got {sorted(sensors)}")
+        for t, names in sensors.items():
+            if len(names) != model.equipment_types[t]:
+                raise ValueError(f"sensors.{t}: the model has {model.equipment_types[t]} inputs, got {len(names)} "
+                                 f"names")
+        self.model = model
+        self.sensors = {t: list(v) for t, v in sensors.items()}
+        self.scalers_ = dict(scalers)
+        self.threshold_ = dict(thresholds or {})
+        self.info = dict(info or {})  # free-form: training metrics, data ranges, versions
+
+    # -- scoring --------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def check_sensors(self, equipment_type: str, columns: list[str]) -> None:
+        """Raise ValueError naming the missing sensors when a frame lacks some of the model's sensors."""
+        if equipment_type not in self.sensors:
+            raise ValueError(f"equipment_type: unknown type {equipment_type!r}; the model knows "
+                             f"{', '.join(sorted(self.sensors))}")
+        missing = [s for s in self.sensors[equipment_type] if s not in columns]
+        if missing:
+            raise ValueError(f"equipment type {equipment_type!r}: the model expects sensors "
+                             f"{self.sensors[equipment_type]}; missing from the data: {missing}")
+
+    @torch.no_grad()
+    def score(self, values: np.ndarray, equipment_type: str, mask: np.ndarray | None = None,
+              state: ForecasterState | None = None, chunk_len: int = 4096) -> ScoreResult:
+        """Score one equipment's readings in chunks with carried state.
+
+        values (L, n_sensors) in physical units, NaN (or mask False) where missing; columns in the order of
+        ``self.sensors[equipment_type]``. Memory is bounded by ``chunk_len``, not L. Pass the returned
+        ``state`` to the next call to continue exactly (streaming).
+        """
+        if equipment_type not in self.scalers_:
+            raise ValueError(f"equipment_type: unknown type {equipment_type!r}; the model knows "
+                             f"{', '.join(sorted(self.scalers_))}")
+        x = _masked(values, mask)
+        n = len(self.sensors[equipment_type])
+        if x.shape[1] != n:
+            raise ValueError(f"values: expected {n} sensor columns for {equipment_type!r} "
+                             f"({self.sensors[equipment_type]}), got {x.shape[1]}")
+        x = self.scalers_[equipment_type].transform(x)
+        if chunk_len < 1:
+            raise ValueError(f"chunk_len: expected >= 1, got {chunk_len}")
+        self.model.eval()
+        dtype = next(self.model.parameters()).dtype
+        L = x.shape[0]
+        score = np.full(L, np.nan)
+        attr = np.zeros((L, n))
+        scored = np.zeros(L, dtype=bool)
+        experts: list[np.ndarray] = []
+        for s in range(0, L, chunk_len):
+            xt = torch.as_tensor(x[s:s + chunk_len], dtype=dtype, device=self.device)[None]
+            mt = torch.isfinite(xt)
+            out, state = self.model(torch.nan_to_num(xt), mt, equipment_type, state)
+            sc = out.scored[0].any(-1).cpu().numpy()
+            nll = out.nll[0].double().cpu().numpy()
+            attr[s:s + chunk_len] = nll
+            scored[s:s + chunk_len] = sc
+            score[s:s + chunk_len] = np.where(sc, nll.sum(-1), np.nan)
+            if out.routing and out.routing[0].top_experts is not None:
+                experts.append(np.stack([r.top_experts[0].cpu().numpy().astype(np.int16) for r in out.routing]))
+        top = np.concatenate(experts, axis=1) if experts else None
+        return ScoreResult(score, attr, scored, top, state)
+
+    def flags(self, score: np.ndarray, equipment_type: str) -> np.ndarray:
+        """Boolean flags: score above the type's label-free threshold (NaN scores are never flagged)."""
+        if equipment_type not in self.threshold_:
+            raise ValueError(f"threshold_: no threshold fitted for equipment type {equipment_type!r}")
+        return np.nan_to_num(score, nan=-np.inf) > self.threshold_[equipment_type]
+
+    # -- persistence ----------------------------------------------------------------------------------------
+    def save(self, folder: str | Path) -> Path:
+        """Write weights.pt and detector.json into ``folder`` (created); returns the folder."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save({k: v.detach().cpu() for k, v in self.model.state_dict().items()}, folder / WEIGHTS_FILE)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "model_config": self.model.cfg.to_dict(),
+            "sensors": self.sensors,
+            "scalers": {t: s.to_dict() for t, s in self.scalers_.items()},
+            "thresholds": self.threshold_,
+            "info": self.info,
+        }
+        (folder / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path, map_location: str | torch.device = "cpu") -> RoMDetector:
+        folder = Path(folder)
+        meta_path = folder / META_FILE
+        if not meta_path.exists():
+            raise FileNotFoundError(f"{meta_path}: no detector here (expected {META_FILE} and {WEIGHTS_FILE})")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{meta_path}: format_version expected {FORMAT_VERSION}, got {meta.get('format_version')}")
+        sensors = {t: list(v) for t, v in meta["sensors"].items()}
+        model = RoMForecaster(RoMConfig.from_dict(meta["model_config"]), {t: len(v) for t, v in sensors.items()})
+        weights = torch.load(folder / WEIGHTS_FILE, map_location=map_location, weights_only=True)
+        model.load_state_dict(weights)
+        model.to(map_location).eval()
+        scalers = {t: RobustScaler.from_dict(d) for t, d in meta["scalers"].items()}
+        return cls(model, sensors, scalers, {t: float(v) for t, v in meta["thresholds"].items()}, meta.get("info"))
+
+
+def state_to_bytes(state: ForecasterState) -> bytes:
+    """Serialise a streaming state (tensors only; loadable with weights_only=True)."""
+    payload = {
+        "equipment_type": state.equipment_type,
+        "conv": [s.conv.detach().cpu() for s in state.layers],
+        "ssm": [s.ssm.detach().cpu() for s in state.layers],
+        "mean": None if state.mean is None else state.mean.detach().cpu(),
+        "scale": None if state.scale is None else state.scale.detach().cpu(),
+    }
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    return buf.getvalue()
+
+
+def state_from_bytes(blob: bytes, map_location: str | torch.device = "cpu") -> ForecasterState:
+    """Inverse of `state_to_bytes`."""
+    p = torch.load(io.BytesIO(blob), map_location=map_location, weights_only=True)
+    layers = [LayerState(c, s) for c, s in zip(p["conv"], p["ssm"])]
+    return ForecasterState(p["equipment_type"], layers, p["mean"], p["scale"])

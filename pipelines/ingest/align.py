@@ -1,0 +1,300 @@
+"""Stage B: one equipment's staged rows -> deduplicated, checked and aligned to its regular grid.
+
+Runs in memory on one equipment's rows of one ingest batch (that is the memory bound of the ingest).
+Steps: resolve repeated DST hours, split off rows at or before the watermark (already stored -> counted
+as deduplicated; otherwise quarantined), drop exact duplicates, quarantine conflicting duplicates, count
+nulls per reason, bucket readings onto the grid (the value at grid time T is the last reading in
+(T - grid, T]), detect stuck sensors, merge with the stored rows around the batch, forward fill at most
+``max_ffill`` steps and mark every grid point without an observation in ``<sensor>__missing``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+from pathlib import Path
+
+import polars as pl
+
+from pipelines.config import EquipmentType, SourceConfig
+from pipelines.ingest.quality import CODE, VALUE_REASONS, RowReason
+from pipelines.ingest.store import TS, UTC_US, read_days, read_range, store_schema
+
+_MAX_LISTED = 20  # gaps / stuck runs listed per equipment in the report (all are counted)
+
+
+@dataclass
+class EquipmentOutcome:
+    """What stage B produced for one equipment."""
+
+    equipment: str
+    kept: int = 0
+    deduplicated: dict[str, int] = field(default_factory=dict)  # exact_duplicate / already_stored
+    quarantined: pl.DataFrame | None = None  # _file, _line, _reason
+    per_file: pl.DataFrame | None = None  # _file, kept, deduplicated, quarantined
+    nulled: dict[str, dict[str, int]] = field(default_factory=dict)  # sensor -> reason -> count
+    empty: int = 0
+    ambiguous_resolved: int = 0
+    stuck: list[dict] = field(default_factory=list)
+    stuck_count: int = 0
+    gaps: list[dict] = field(default_factory=list)
+    gap_count: int = 0
+    gap_steps: int = 0
+    unobserved_sensors: list[str] = field(default_factory=list)
+    max_ts: datetime | None = None
+    days: dict[date, pl.DataFrame] = field(default_factory=dict)  # store files to write
+
+
+def bucket_expr(ts: pl.Expr, grid: str) -> pl.Expr:
+    """Grid point of a reading: the first grid time at or after it (as-of alignment)."""
+    tr = ts.dt.truncate(grid)
+    return pl.when(tr < ts).then(tr.dt.offset_by(grid)).otherwise(tr)
+
+
+def ceil_to_grid(t: datetime, grid: str) -> datetime:
+    return pl.select(bucket_expr(pl.lit(t, UTC_US), grid)).item()
+
+
+def process_equipment(df: pl.DataFrame, src: SourceConfig, etype: EquipmentType, equipment: str,
+                      watermark: datetime | None, store: Path) -> EquipmentOutcome:
+    """Stage B for one equipment. ``df`` holds its usable staged rows (see readers.py for columns)."""
+    long = src.layout == "long"
+    out = EquipmentOutcome(equipment=equipment)
+    key = [TS, "sensor"] if long else [TS]
+    values = ["value"] if long else etype.sensor_names
+    quarantine: list[pl.DataFrame] = []
+
+    df, out.ambiguous_resolved = _resolve_ambiguous(df, src, long)
+    dedup_rows: list[pl.DataFrame] = []
+    if watermark is not None:
+        late_mask = df[TS] <= watermark
+        if late_mask.any():
+            late = df.filter(late_mask)
+            df = df.filter(~late_mask)
+            matched = _matches_store(late, src, etype, equipment, store, long)
+            stored, not_stored = late.filter(matched), late.filter(~matched)
+            out.deduplicated["already_stored"] = stored.height
+            dedup_rows.append(stored.select("_file"))
+            if not_stored.height:
+                quarantine.append(_qrows(not_stored, "before_watermark"))
+
+    df = df.sort([*key, "_file", "_line"])
+    df, exact, conflicts = _duplicates(df, key, values)
+    if exact.height:
+        out.deduplicated["exact_duplicate"] = exact.height
+        dedup_rows.append(exact.select("_file"))
+    if conflicts.height:
+        quarantine.append(_qrows(conflicts, "conflicting_duplicate"))
+
+    out.kept = df.height
+    out.quarantined = pl.concat(quarantine) if quarantine else pl.DataFrame(
+        schema={"_file": pl.Int32, "_line": pl.Int64, "_reason": RowReason})
+    out.per_file = _per_file(df, dedup_rows, out.quarantined)
+    out.nulled, out.empty = _null_counts(df, etype, long)
+    if df.height:
+        out.max_ts = df[TS].max()
+
+    obs = _observations(df, src, etype, long)
+    out.unobserved_sensors = [s for s in etype.sensor_names if obs[s].null_count() == obs.height]
+    _stuck(obs, src, etype, out)
+    if obs.height:
+        _align(obs, src, etype, equipment, watermark, store, out)
+    return out
+
+
+def _resolve_ambiguous(df: pl.DataFrame, src: SourceConfig, long: bool) -> tuple[pl.DataFrame, int]:
+    """Pick the UTC reading of each local time; for 'infer', a repeated hour is recognised by time going
+    backwards in file order (the second pass through the hour is the later, standard-time reading)."""
+    n_amb = int(df["_amb"].sum()) if df.height else 0
+    if n_amb == 0 or src.ambiguous == "earliest":
+        return df.with_columns(pl.col("ts_e").alias(TS)), n_amb
+    if src.ambiguous == "latest":
+        return df.with_columns(pl.col("ts_l").alias(TS)), n_amb
+    group = ["_file", "sensor"] if long else ["_file"]
+    amb = (
+        df.filter("_amb").select("_file", "_line", *(["sensor"] if long else []), "ts_e").sort("_file", "_line")
+        .with_columns((pl.col("ts_e").cum_max().shift(1).over(group) > pl.col("ts_e")).fill_null(False)
+                      .alias("_second"))
+        .select("_file", "_line", "_second")
+    )
+    df = df.join(amb, on=["_file", "_line"], how="left", maintain_order="left")
+    ts = pl.when(pl.col("_second").fill_null(False)).then(pl.col("ts_l")).otherwise(pl.col("ts_e"))
+    return df.with_columns(ts.alias(TS)).drop("_second"), n_amb
+
+
+def _qrows(df: pl.DataFrame, reason: str) -> pl.DataFrame:
+    return df.select("_file", "_line", pl.lit(reason, RowReason).alias("_reason"))
+
+
+def _duplicates(df: pl.DataFrame, key: list[str], values: list[str]
+                ) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+    """Split off exact duplicates (same key and values) and conflicting ones (same key, other values).
+
+    ``df`` must be sorted by key; only rows whose key equals a neighbour's are examined further. Every
+    version of a conflicting key is quarantined: which one is right cannot be known.
+    """
+    if df.height < 2:
+        return df, df.clear(), df.clear()
+    same_prev = pl.all_horizontal([pl.col(k) == pl.col(k).shift(1) for k in key]).fill_null(False)
+    same_next = pl.all_horizontal([pl.col(k) == pl.col(k).shift(-1) for k in key]).fill_null(False)
+    df = df.with_row_index("_ri")
+    cand = df.filter(same_prev | same_next)
+    if not cand.height:
+        return df.drop("_ri"), df.clear().drop("_ri"), df.clear().drop("_ri")
+    cand = cand.with_columns((~pl.struct([*key, *values]).is_first_distinct()).alias("_exact"))
+    exact = cand.filter("_exact")
+    rest = cand.filter(~pl.col("_exact"))
+    conflicts = rest.filter(pl.struct(key).is_duplicated())
+    drop = pl.concat([exact["_ri"], conflicts["_ri"]])
+    kept = df.filter(~pl.col("_ri").is_in(drop.implode())).drop("_ri")
+    return kept, exact.drop("_ri", "_exact"), conflicts.drop("_ri", "_exact")
+
+
+def _per_file(kept: pl.DataFrame, dedup: list[pl.DataFrame], quarantined: pl.DataFrame) -> pl.DataFrame:
+    parts = [kept.group_by("_file").agg(pl.len().alias("kept"))]
+    if dedup:
+        parts.append(pl.concat(dedup).group_by("_file").agg(pl.len().alias("deduplicated")))
+    parts.append(quarantined.group_by("_file").agg(pl.len().alias("quarantined")))
+    out = pl.DataFrame(schema={"_file": pl.Int32})
+    for p in parts:
+        out = out.join(p, on="_file", how="full", coalesce=True)
+    for c in ("kept", "deduplicated", "quarantined"):
+        out = out.with_columns(pl.col(c).fill_null(0).cast(pl.Int64)) if c in out.columns else out.with_columns(
+            pl.lit(0, pl.Int64).alias(c))
+    return out
+
+
+def _null_counts(df: pl.DataFrame, etype: EquipmentType, long: bool) -> tuple[dict[str, dict[str, int]], int]:
+    nulled: dict[str, dict[str, int]] = {}
+    empty = 0
+    if long:
+        counts = df.group_by("sensor", "value__why").len()
+        rows = [(str(s), int(c), int(n)) for s, c, n in counts.iter_rows()]
+    else:
+        rows = []
+        for s in etype.sensor_names:
+            vc = df[f"{s}__why"].value_counts()
+            rows += [(s, int(c), int(n)) for c, n in vc.iter_rows()]
+    for sensor, code, n in rows:
+        if code == CODE["empty"]:
+            empty += n
+        elif code != CODE["ok"]:
+            nulled.setdefault(sensor, {})
+            nulled[sensor][VALUE_REASONS[code]] = nulled[sensor].get(VALUE_REASONS[code], 0) + n
+    return nulled, empty
+
+
+def _observations(df: pl.DataFrame, src: SourceConfig, etype: EquipmentType, long: bool) -> pl.DataFrame:
+    """One row per grid point with at least one reading: the last non-null reading of each sensor."""
+    sensors = etype.sensor_names
+    bucket = bucket_expr(pl.col(TS), src.grid).alias(TS)
+    if long:
+        o = df.filter(pl.col("value").is_not_null()).select(bucket, pl.col("sensor").cast(pl.String), "value")
+        if not o.height:
+            return pl.DataFrame(schema={TS: UTC_US, **{s: pl.Float64 for s in sensors}})
+        obs = o.pivot(on="sensor", index=TS, values="value", aggregate_function="last")
+        obs = obs.select(TS, *[pl.col(s) if s in obs.columns else pl.lit(None, pl.Float64).alias(s)
+                               for s in sensors])
+    else:
+        obs = df.select(bucket, *sensors)
+        if obs.height > 1 and (obs[TS].diff() == timedelta(0)).any():
+            obs = obs.group_by(TS, maintain_order=True).agg(pl.col(s).drop_nulls().last() for s in sensors)
+    obs = obs.filter(pl.any_horizontal(pl.col(sensors).is_not_null())) if sensors else obs
+    return obs.sort(TS).with_columns(pl.col(TS).cast(UTC_US), pl.col(sensors).cast(pl.Float64))
+
+
+def _stuck(obs: pl.DataFrame, src: SourceConfig, etype: EquipmentType, out: EquipmentOutcome) -> None:
+    """Runs of more than N identical consecutive observations of a sensor."""
+    for s in etype.sensors:
+        n = s.stuck_steps if s.stuck_steps is not None else src.stuck_steps
+        if n <= 0:
+            continue
+        runs = (
+            obs.select(TS, s.name).filter(pl.col(s.name).is_not_null())
+            .with_columns(pl.col(s.name).rle_id().alias("_run"))
+            .group_by("_run", maintain_order=True)
+            .agg(pl.len().alias("steps"), pl.col(TS).first().alias("start"), pl.col(TS).last().alias("end"),
+                 pl.col(s.name).first().alias("value"))
+            .filter(pl.col("steps") > n)
+        )
+        out.stuck_count += runs.height
+        for r in runs.head(_MAX_LISTED - len(out.stuck)).iter_rows(named=True):
+            out.stuck.append({"equipment": out.equipment, "sensor": s.name, "start": r["start"].isoformat(),
+                              "end": r["end"].isoformat(), "steps": r["steps"], "value": r["value"]})
+
+
+def _align(obs: pl.DataFrame, src: SourceConfig, etype: EquipmentType, equipment: str,
+           watermark: datetime | None, store: Path, out: EquipmentOutcome) -> None:
+    """Merge new observations with the stored rows around them and lay them on the grid."""
+    sensors = etype.sensor_names
+    g = src.grid_timedelta
+    f = src.max_ffill
+    b0, bmax = obs[TS].min(), obs[TS].max()
+    r0 = b0 if watermark is None else min(b0, ceil_to_grid(watermark, src.grid) + g)
+    ctx_start = r0 - f * g
+    old = read_range(store, etype, equipment, ctx_start.date(), bmax.date())
+    if old.height:
+        old_obs = old.filter(pl.col(TS) >= ctx_start).select(
+            TS, *[pl.when(~pl.col(f"{s}__missing")).then(pl.col(s)).alias(s) for s in sensors])
+        merged = old_obs.join(obs, on=TS, how="full", coalesce=True, suffix="__new")
+        merged = merged.select(TS, *[pl.coalesce(f"{s}__new", s).alias(s) for s in sensors])
+        merged = merged.filter(pl.any_horizontal(pl.col(sensors).is_not_null())).sort(TS)
+    else:
+        merged = obs
+    start = min(merged[TS].min(), r0)
+    end = merged[TS].max()
+    grid = pl.DataFrame({TS: pl.datetime_range(start, end, src.grid, time_unit="us", time_zone="UTC", eager=True)})
+    aligned = grid.join(merged, on=TS, how="left").sort(TS).select(
+        TS,
+        *[pl.col(s).forward_fill(limit=f) if f else pl.col(s) for s in sensors],
+        *[pl.col(s).is_null().alias(f"{s}__missing") for s in sensors],
+    )
+    new_rows = aligned.filter(pl.col(TS) >= r0)
+    day0 = datetime.combine(r0.date(), datetime.min.time(), tzinfo=r0.tzinfo)
+    kept_old = old.filter((pl.col(TS) < r0) & (pl.col(TS) >= day0)) if old.height else old
+    result = pl.concat([kept_old, new_rows.select(store_schema(etype).keys())], how="vertical").sort(TS)
+    for (day,), part in result.with_columns(pl.col(TS).dt.date().alias("_d")).partition_by(
+            "_d", as_dict=True, include_key=False).items():
+        out.days[day] = part
+    _gaps(merged, b0, src, out)
+
+
+def _gaps(merged: pl.DataFrame, b0: datetime, src: SourceConfig, out: EquipmentOutcome) -> None:
+    """Stretches with no observation longer than the forward fill covers, ending in the new data."""
+    g = src.grid_timedelta
+    limit = (src.max_ffill + 1) * g
+    t = merged.select(pl.col(TS), (pl.col(TS) - pl.col(TS).shift(1)).alias("dt")).filter(
+        (pl.col("dt") > limit) & (pl.col(TS) >= b0))
+    out.gap_count += t.height
+    for ts_, dt in t.iter_rows():
+        steps = int(dt / g) - 1
+        out.gap_steps += steps
+        if len(out.gaps) < _MAX_LISTED:
+            out.gaps.append({"equipment": out.equipment, "start": (ts_ - dt + g).isoformat(),
+                             "end": (ts_ - g).isoformat(), "missing_steps": steps})
+
+
+def _matches_store(late: pl.DataFrame, src: SourceConfig, etype: EquipmentType, equipment: str, store: Path,
+                   long: bool) -> pl.Series:
+    """For rows at or before the watermark: does the store already hold the same values at their grid point?"""
+    late = late.with_columns(bucket_expr(pl.col(TS), src.grid).alias("_b"))
+    days = late["_b"].dt.date().unique().to_list()
+    old = read_days(store, etype, equipment, days)
+    if not old.height:
+        return pl.Series([False] * late.height)
+    sensors = etype.sensor_names
+    if long:
+        old_long = old.unpivot(index=TS, on=sensors, variable_name="_s", value_name="_old").join(
+            old.unpivot(index=TS, on=[f"{s}__missing" for s in sensors], variable_name="_sm", value_name="_miss")
+            .with_columns(pl.col("_sm").str.strip_suffix("__missing").alias("_s")).drop("_sm"),
+            on=[TS, "_s"])
+        j = late.with_columns(pl.col("sensor").cast(pl.String).alias("_s")).join(
+            old_long, left_on=["_b", "_s"], right_on=[TS, "_s"], how="left", maintain_order="left")
+        ok = pl.col("value").is_null() | ((~pl.col("_miss")) & (pl.col("_old") == pl.col("value")))
+        return j.select(ok.fill_null(False)).to_series()
+    right = old.rename({s: f"{s}__old" for s in sensors} | {TS: "_b"})
+    j = late.join(right, on="_b", how="left", maintain_order="left")
+    ok = pl.all_horizontal([
+        pl.col(s).is_null() | ((~pl.col(f"{s}__missing")) & (pl.col(f"{s}__old") == pl.col(s))) for s in sensors
+    ]) & pl.col(f"{sensors[0]}__missing").is_not_null()
+    return j.select(ok.fill_null(False)).to_series()

@@ -1,0 +1,444 @@
+"""Stage A: read one log file (csv | parquet, wide | long) into a cleaned, staged parquet, streaming.
+
+Each file is scanned lazily and sunk to ``<staging>/_part=<equipment>/*.parquet`` (rejected rows under a
+reserved partition), so memory stays bounded however large the file. Staged columns:
+
+    _file Int32, _line Int64 (1-based line in the file; data rows of a parquet file count from 1),
+    _reason Enum (null for usable rows), equipment String, ts_e / ts_l Datetime[us, UTC] (earlier / later
+    reading of a repeated local time; equal elsewhere), _amb Boolean,
+    wide: <sensor> Float64 and <sensor>__why UInt8 per sensor of the equipment type;
+    long: sensor Enum, value Float64, value__why UInt8, _tag String (only on unknown-tag rows).
+
+Malformed input either raises ValueError naming the file, line, column and what was expected, or becomes
+quarantine rows with a reason: it never disappears silently.
+"""
+
+from __future__ import annotations
+
+import csv
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import unquote
+
+import polars as pl
+
+from pipelines.config import EquipmentType, SourceConfig
+from pipelines.ingest.quality import (
+    CODE,
+    RowReason,
+    apply_limits_long,
+    clean_value,
+    final_value,
+    has_offset,
+    parse_timestamps,
+)
+
+REJECTED = "\x1frejected"  # partition key of rejected rows (cannot be an equipment id: control char)
+_OTHER_DELIMITERS = (",", ";", "\t", "|")
+
+
+@dataclass
+class StagedFile:
+    """What stage A learned about one file."""
+
+    index: int
+    path: Path
+    dir: Path
+    lines_read: int = 0  # data lines consumed in this run, blank lines included (for append detection)
+    rows: int = 0  # non-blank data rows
+    blank: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)  # row reason -> count (stage A quarantine)
+    unknown_columns: list[str] = field(default_factory=list)
+    missing_sensors: list[str] = field(default_factory=list)  # optional sensors absent from a wide header
+    unknown_tags: list[str] = field(default_factory=list)
+    sensors_seen: set[str] = field(default_factory=set)
+    not_numeric: dict[str, int] = field(default_factory=dict)  # column -> first line with text in it
+
+    def partitions(self) -> dict[str, Path]:
+        """Staged partition folders by equipment id (the rejected partition under REJECTED)."""
+        out = {}
+        if self.dir.exists():
+            for d in sorted(self.dir.iterdir()):
+                if d.is_dir() and "=" in d.name:
+                    out[unquote(d.name.split("=", 1)[1])] = d
+        return out
+
+
+# --- CSV header and raw-line checks --------------------------------------------------------------------
+
+
+def read_csv_header(path: Path, src: SourceConfig) -> list[str]:
+    """The column names on line 1, with clear errors for empty files, bad bytes and missing headers."""
+    with open(path, "rb") as fh:
+        first = fh.readline(1 << 20)
+    if not first:
+        raise ValueError(f"{path}: empty file (0 bytes); expected a header line naming the columns")
+    try:
+        text = first.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}, line 1 (header): byte 0x{first[exc.start]:02x} at position {exc.start + 1} "
+                         f"is not UTF-8; expected a UTF-8 text file") from None
+    text = text.lstrip("\ufeff").rstrip("\r\n")
+    if not text.strip():
+        raise ValueError(f"{path}, line 1: blank; expected a header line naming the columns")
+    names = [n.strip() for n in next(csv.reader([text], delimiter=src.delimiter))]
+    required = [src.timestamp_column]
+    if src.layout == "long":
+        required += [src.tag_column, src.value_column]
+    if src.timestamp_column not in names:
+        for other in _OTHER_DELIMITERS:
+            if other != src.delimiter and src.timestamp_column in [n.strip() for n in text.split(other)]:
+                raise ValueError(f"{path}, line 1: header splits on {other!r}, not on the configured delimiter "
+                                 f"{src.delimiter!r} (wrong delimiter? set delimiter = {other!r})")
+        if src.timestamp_format and _looks_like_timestamp(names[0], src):
+            raise ValueError(f"{path}, line 1: looks like data, not a header (expected a header with columns "
+                             f"{', '.join(required)}, got {text[:80]!r})")
+    missing = [c for c in required if c not in names]
+    if src.layout == "wide" and src.equipment_id_column and src.equipment_id_column not in names:
+        missing.append(src.equipment_id_column)
+    if src.layout == "long" and src.quality_column and src.quality_column not in names:
+        missing.append(src.quality_column)
+    if missing:
+        raise ValueError(f"{path}, line 1: header has no column {missing[0]!r} (expected columns "
+                         f"{', '.join(required)}; got {', '.join(map(repr, names))})")
+    dups = sorted({n for n in names if names.count(n) > 1})
+    if dups:
+        raise ValueError(f"{path}, line 1: duplicate column {dups[0]!r} in the header")
+    return names
+
+
+def _looks_like_timestamp(value: str, src: SourceConfig) -> bool:
+    fmt = src.timestamp_format
+    expr = pl.col("v").str.to_datetime(fmt, strict=False, time_zone="UTC" if has_offset(fmt) else None)
+    return pl.DataFrame({"v": [value]}).select(expr.is_not_null()).item()
+
+
+def _raw_lines(path: Path, skip_lines: int) -> pl.LazyFrame:
+    """Physical lines (no CSV parsing) with their 0-based index; blank lines are null."""
+    return pl.scan_csv(
+        path, has_header=False, separator="\x1f", quote_char=None, schema={"line": pl.String},
+        encoding="utf8-lossy", truncate_ragged_lines=True, skip_lines=skip_lines, row_index_name="_i",
+        row_index_offset=skip_lines, raise_if_empty=False,
+    )
+
+
+def scan_bad_lines(path: Path, src: SourceConfig, n_columns: int, skip_lines: int) -> tuple[pl.DataFrame, int]:
+    """Lines with the wrong number of fields or invalid UTF-8, and the number of physical data lines.
+
+    One streaming pass counting delimiters outside quotes; only the (few) bad lines are collected.
+    Returns (frame of line Int64, kind String in {blank, ragged_line, invalid_utf8}, text), n_lines.
+    """
+    line = pl.col("line")
+    unquoted = pl.when(line.str.contains('"', literal=True)).then(line.str.replace_all(r'"[^"]*"', "")).otherwise(line)
+    n_sep = unquoted.str.count_matches(src.delimiter, literal=True)
+    bad_utf8 = line.str.contains("\ufffd", literal=True)
+    lf = _raw_lines(path, skip_lines)
+    bad = (
+        lf.filter(line.is_null() | (n_sep != n_columns - 1) | bad_utf8)
+        .select(
+            (pl.col("_i").cast(pl.Int64) + 1).alias("line"),
+            pl.when(line.is_null() | (line.str.strip_chars() == "")).then(pl.lit("blank"))
+            .when(bad_utf8).then(pl.lit("invalid_utf8"))
+            .otherwise(pl.lit("ragged_line")).alias("kind"),
+            line.alias("text"),
+        )
+    )
+    count = lf.select(pl.len())
+    bad_df, count_df = pl.collect_all([bad, count])
+    bad_df = bad_df.filter(pl.col("line") > 1)  # the header is checked separately
+    n_lines = count_df.item() - (1 if skip_lines == 0 else 0)
+    return bad_df, max(n_lines, 0)
+
+
+# --- frames --------------------------------------------------------------------------------------------
+
+
+def _csv_frame(path: Path, src: SourceConfig, skip_rows: int) -> tuple[pl.LazyFrame, dict[str, pl.DataType],
+                                                                        list[str], pl.DataFrame, int]:
+    names = read_csv_header(path, src)
+    bad, n_lines = scan_bad_lines(path, src, len(names), skip_lines=1 + skip_rows if skip_rows else 0)
+    lf = pl.scan_csv(
+        path, infer_schema=False, separator=src.delimiter, encoding="utf8-lossy", truncate_ragged_lines=True,
+        skip_rows_after_header=skip_rows, row_index_name="_row", row_index_offset=skip_rows,
+        with_column_names=lambda cols: [c.lstrip("\ufeff").strip() for c in cols], raise_if_empty=False,
+    ).with_columns((pl.col("_row").cast(pl.Int64) + 2).alias("_line"))
+    return lf, {n: pl.String for n in names}, names, bad, n_lines
+
+
+def _parquet_frame(path: Path) -> tuple[pl.LazyFrame, dict[str, pl.DataType], list[str]]:
+    try:
+        lf = pl.scan_parquet(path)
+        schema = dict(lf.collect_schema())
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise ValueError(f"{path}: not a readable parquet file ({_first_line(exc)})") from None
+    lf = lf.with_row_index("_row").with_columns((pl.col("_row").cast(pl.Int64) + 1).alias("_line"))
+    return lf, schema, list(schema)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _check_columns(path: Path, src: SourceConfig, etype: EquipmentType, names: list[str],
+                   schema: dict[str, pl.DataType]) -> tuple[list[str], list[str], list[str]]:
+    """Schema drift: returns (sensors present, optional sensors missing, unknown columns)."""
+    where = f"{path}, line 1" if src.format == "csv" else f"{path}"
+    for col in (src.timestamp_column,) + ((src.tag_column, src.value_column) if src.layout == "long" else ()):
+        if col not in names:
+            raise ValueError(f"{where}: no column {col!r} (got {', '.join(map(repr, names))})")
+    for col in (src.equipment_id_column, src.quality_column if src.layout == "long" else None):
+        if col and col not in names:
+            raise ValueError(f"{where}: no column {col!r} (got {', '.join(map(repr, names))})")
+    ts_dtype = schema[src.timestamp_column]
+    if not (ts_dtype == pl.String or isinstance(ts_dtype, pl.Datetime | pl.Date)):
+        raise ValueError(f"{where}: column {src.timestamp_column!r}: expected text or datetimes, got {ts_dtype}")
+    if src.layout == "long":
+        known = {src.timestamp_column, src.tag_column, src.value_column, src.quality_column, src.equipment_id_column}
+        return [], [], [n for n in names if n not in known]
+    present = [s.name for s in etype.sensors if s.name in names]
+    missing_required = [s.name for s in etype.sensors if s.required and s.name not in names]
+    if missing_required:
+        raise ValueError(f"{where}: required sensor {missing_required[0]!r} of equipment type {etype.name!r} "
+                         f"is missing (columns: {', '.join(map(repr, names))})")
+    missing_optional = [s.name for s in etype.sensors if not s.required and s.name not in names]
+    used = {src.timestamp_column, src.equipment_id_column, *present}
+    if src.quality_suffix:
+        used |= {f"{s}{src.quality_suffix}" for s in present if f"{s}{src.quality_suffix}" in names}
+    return present, missing_optional, [n for n in names if n not in used]
+
+
+def _row_reason(bad: pl.DataFrame | None, ts: dict[str, pl.Expr], ts_raw: pl.Expr, src: SourceConfig
+                ) -> pl.Expr:
+    reason = pl.when(pl.lit(False)).then(pl.lit(None, RowReason))
+    if bad is not None and bad.height:
+        for kind in ("blank", "ragged_line", "invalid_utf8"):
+            lines = bad.filter(pl.col("kind") == kind)["line"]
+            if lines.len():
+                reason = reason.when(pl.col("_line").is_in(lines.implode())).then(pl.lit(kind, RowReason))
+    reason = (
+        reason.when(ts_raw.is_null()).then(pl.lit("missing_timestamp", RowReason))
+        .when(ts["parsed"].is_null()).then(pl.lit("bad_timestamp", RowReason))
+        .when(ts["nonexistent"]).then(pl.lit("dst_nonexistent", RowReason))
+    )
+    if src.ambiguous == "quarantine":
+        reason = reason.when(ts["amb"]).then(pl.lit("dst_ambiguous", RowReason))
+    return reason
+
+
+def _equipment_expr(src: SourceConfig, schema: dict[str, pl.DataType]) -> pl.Expr | None:
+    if src.equipment_id is not None:
+        return pl.lit(src.equipment_id, pl.String)
+    if src.equipment_id_column is not None:
+        e = pl.col(src.equipment_id_column).cast(pl.String).str.strip_chars()
+        return pl.when(e == "").then(None).otherwise(e)
+    return None
+
+
+def build_staged(lf: pl.LazyFrame, schema: dict[str, pl.DataType], names: list[str], src: SourceConfig,
+                 etype: EquipmentType, index: int, bad: pl.DataFrame | None) -> tuple[pl.LazyFrame, list[str]]:
+    """The stage A expressions over a scanned file. Returns (staged frame, sensors present in wide)."""
+    ts_raw = pl.col(src.timestamp_column)
+    ts = parse_timestamps(ts_raw, src, schema[src.timestamp_column])
+    reason = _row_reason(bad, ts, ts_raw, src)
+    equipment = _equipment_expr(src, schema)
+    cols: list[pl.Expr] = [
+        pl.lit(index, pl.Int32).alias("_file"), pl.col("_line"),
+        ts["ts_e"].alias("ts_e"), ts["ts_l"].alias("ts_l"), ts["amb"].alias("_amb"),
+    ]
+    present: list[str] = []
+    if src.layout == "wide":
+        present = [s.name for s in etype.sensors if s.name in names]
+        reason = reason.when(equipment.is_null()).then(pl.lit("missing_equipment_id", RowReason))
+        cols.append(equipment.alias("equipment"))
+        for s in etype.sensors:
+            if s.name not in present:
+                cols += [pl.lit(None, pl.Float64).alias(s.name), pl.lit(CODE["ok"], pl.UInt8).alias(f"{s.name}__why")]
+                continue
+            qname = f"{s.name}{src.quality_suffix}" if src.quality_suffix else None
+            quality = pl.col(qname).cast(pl.String) if qname and qname in names else None
+            num, code = clean_value(pl.col(s.name), src, s, schema[s.name], quality)
+            cols += [final_value(num, code).alias(s.name), code.alias(f"{s.name}__why")]
+    else:
+        tag = pl.col(src.tag_column).cast(pl.String)
+        sensor_t = pl.Enum(etype.sensor_names)
+        sensor = pl.when(pl.lit(False)).then(pl.lit(None, pl.String))
+        suffix_len = pl.when(pl.lit(False)).then(pl.lit(None, pl.Int64))
+        for s in etype.sensors:
+            hit = tag.str.ends_with(f".{s.name}") | (tag == s.name)
+            sensor = sensor.when(hit).then(pl.lit(s.name))
+            suffix_len = suffix_len.when(tag.str.ends_with(f".{s.name}")).then(pl.lit(len(s.name) + 1))
+        sensor = sensor.otherwise(None)
+        if equipment is None:
+            equipment = tag.str.head(-suffix_len.otherwise(None))
+            equipment = pl.when(equipment == "").then(None).otherwise(equipment)
+        has_prefix = tag.str.contains(".", literal=True) if _equipment_expr(src, schema) is None else pl.lit(True)
+        reason = (
+            reason.when(tag.is_null()).then(pl.lit("bad_tag", RowReason))
+            .when(sensor.is_null() & has_prefix).then(pl.lit("unknown_sensor", RowReason))
+            .when(sensor.is_null()).then(pl.lit("bad_tag", RowReason))
+            .when(equipment.is_null()).then(pl.lit("missing_equipment_id", RowReason))
+        )
+        quality = pl.col(src.quality_column).cast(pl.String) if src.quality_column else None
+        num, code = clean_value(pl.col(src.value_column), src, None, schema[src.value_column], quality)
+        code = apply_limits_long(num, code, sensor, etype.sensors)
+        cols += [
+            equipment.alias("equipment"), sensor.cast(sensor_t).alias("sensor"),
+            final_value(num, code).alias("value"), code.alias("value__why"),
+            pl.when(sensor.is_null()).then(tag).otherwise(None).alias("_tag"),
+        ]
+    reason = reason.otherwise(None).alias("_reason")
+    staged = lf.select(*cols, reason).with_columns(
+        pl.when(pl.col("_reason").is_null()).then(pl.col("equipment")).otherwise(pl.lit(REJECTED)).alias("_part")
+    )
+    return staged, present
+
+
+def stage_file(path: Path, index: int, src: SourceConfig, etype: EquipmentType, out_dir: Path,
+               skip_rows: int = 0) -> StagedFile:
+    """Read, clean and stage one file; raise ValueError naming file/line/column for unusable input."""
+    info = StagedFile(index=index, path=path, dir=out_dir)
+    bad = None
+    n_lines = None
+    if src.format == "csv":
+        lf, schema, names, bad, n_lines = _csv_frame(path, src, skip_rows)
+    else:
+        lf, schema, names = _parquet_frame(path)
+    present, info.missing_sensors, info.unknown_columns = _check_columns(path, src, etype, names, schema)
+    for col in (src.value_column,) if src.layout == "long" else present:
+        dt = schema[col]
+        if not (dt == pl.String or dt.is_numeric() or dt == pl.Boolean):
+            raise ValueError(f"{path}: column {col!r}: expected numbers or text, got {dt}")
+    staged, _ = build_staged(lf, schema, names, src, etype, index, bad)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PartitionBy is marked unstable
+            staged.sink_parquet(pl.PartitionBy(out_dir, key="_part", include_key=False), mkdir=True)
+    except pl.exceptions.PolarsError as exc:
+        raise ValueError(f"{path}: could not be read as {src.format} ({_first_line(exc)})") from None
+    _summarise(info, src, etype, present, bad, n_lines, skip_rows)
+    return info
+
+
+def _summarise(info: StagedFile, src: SourceConfig, etype: EquipmentType, present: list[str],
+               bad: pl.DataFrame | None, n_lines: int | None, skip_rows: int) -> None:
+    """Counts from the staged parquet, and the file-level checks that turn into errors."""
+    parts = info.partitions()
+    if not parts:
+        info.lines_read = skip_rows
+        return
+    all_files = [str(p / "*.parquet") for p in parts.values()]
+    lf = pl.scan_parquet(all_files)
+    by_reason = lf.group_by("_reason").agg(pl.len(), pl.col("_line").min().alias("first")).collect()
+    total = int(by_reason["len"].sum())
+    counts = {str(r): int(n) for r, n in zip(by_reason["_reason"], by_reason["len"]) if r is not None}
+    first = {str(r): int(f) for r, f in zip(by_reason["_reason"], by_reason["first"]) if r is not None}
+    info.blank = counts.pop("blank", 0)
+    info.rows = total - info.blank
+    info.rejected = counts
+    info.lines_read = skip_rows + total
+    where = info.path
+    if n_lines is not None and total != n_lines:
+        raise ValueError(f"{where}: {n_lines} lines but {total} CSV records: a quoted field spans several "
+                         f"lines or quotes are unbalanced (expected one record per line)")
+    usable_ts = info.rows - sum(counts.get(k, 0) for k in ("ragged_line", "invalid_utf8", "missing_timestamp"))
+    if usable_ts > 0 and counts.get("bad_timestamp", 0) == usable_ts:
+        line = first["bad_timestamp"]
+        raise ValueError(f"{where}, line {line}, column {src.timestamp_column!r}: no timestamp matches the "
+                         f"format {src.timestamp_format!r} (expected e.g. {_example_ts(src)}, got "
+                         f"{_value_at(info.path, line, src)!r})")
+    good = [str(p / "*.parquet") for k, p in parts.items() if k != REJECTED]
+    if not good:
+        return
+    glf = pl.scan_parquet(good)
+    if src.layout == "wide":
+        whys = [f"{s}__why" for s in present]
+        if not whys:
+            return
+        stats = glf.select(
+            *[(pl.col(w) == CODE["not_numeric"]).sum().alias(f"{w}:nn") for w in whys],
+            *[(pl.col(w) != CODE["empty"]).sum().alias(f"{w}:ne") for w in whys],
+            *[pl.col("_line").filter(pl.col(w) == CODE["not_numeric"]).min().alias(f"{w}:first") for w in whys],
+        ).collect().row(0, named=True)
+        for s, w in zip(present, whys):
+            nn, ne, line = stats[f"{w}:nn"], stats[f"{w}:ne"], stats[f"{w}:first"]
+            if nn:
+                info.not_numeric[s] = line
+            if nn and nn == ne:
+                raise ValueError(f"{where}, line {line}, column {s!r}: expected numbers, got "
+                                 f"{_value_at(info.path, line, src, s)!r} (every value in the column is text: "
+                                 f"wrong delimiter or decimal_comma?)")
+    else:
+        stats = glf.group_by("sensor").agg(
+            (pl.col("value__why") == CODE["not_numeric"]).sum().alias("nn"),
+            (pl.col("value__why") != CODE["empty"]).sum().alias("ne"),
+            pl.col("_line").filter(pl.col("value__why") == CODE["not_numeric"]).min().alias("first"),
+        ).collect()
+        info.sensors_seen = {str(s) for s in stats["sensor"]}
+        for row in stats.iter_rows(named=True):
+            if row["nn"]:
+                info.not_numeric[str(row["sensor"])] = row["first"]
+        nn, ne = int(stats["nn"].sum()), int(stats["ne"].sum())
+        if nn and nn == ne:
+            line = int(stats["first"].min())
+            raise ValueError(f"{where}, line {line}, column {src.value_column!r}: expected numbers, got "
+                             f"{_value_at(info.path, line, src, src.value_column)!r} (every value is text)")
+    if REJECTED in parts and src.layout == "long":
+        tags = pl.scan_parquet(str(parts[REJECTED] / "*.parquet")).select(pl.col("_tag").drop_nulls().unique())
+        info.unknown_tags = sorted(tags.collect()["_tag"].to_list())[:50]
+
+
+def _example_ts(src: SourceConfig) -> str:
+    from datetime import datetime
+
+    try:
+        return repr(datetime(2024, 1, 31, 13, 45, 0).strftime(src.timestamp_format or ""))
+    except ValueError:
+        return repr(src.timestamp_format)
+
+
+def _value_at(path: Path, line: int, src: SourceConfig, column: str | None = None) -> str:
+    """The text of one field (or the whole line) of a CSV line, or of a parquet row, for messages."""
+    column = column or src.timestamp_column
+    if src.format == "parquet":
+        row = pl.scan_parquet(path).select(pl.col(column).cast(pl.String)).slice(line - 1, 1).collect()
+        return row.item() if row.height else ""
+    text = fetch_lines(path, [line]).get(line, "")
+    try:
+        header = read_csv_header(path, src)
+        fields = next(csv.reader([text], delimiter=src.delimiter))
+        return fields[header.index(column)] if column in header and header.index(column) < len(fields) else text
+    except (ValueError, StopIteration):
+        return text
+
+
+def fetch_lines(path: Path, lines: list[int]) -> dict[int, str]:
+    """The raw text of the given 1-based lines of a text file (one streaming pass)."""
+    if not lines:
+        return {}
+    wanted = pl.Series(sorted(set(lines)), dtype=pl.Int64)
+    df = (
+        _raw_lines(path, 0)
+        .select((pl.col("_i").cast(pl.Int64) + 1).alias("line"), pl.col("line").alias("text"))
+        .filter(pl.col("line").is_in(wanted.implode()))
+        .collect()
+    )
+    return {int(n): (t or "").rstrip("\r") for n, t in zip(df["line"], df["text"])}
+
+
+def fetch_parquet_rows(path: Path, rows: list[int]) -> dict[int, str]:
+    """The given 1-based rows of a parquet file as JSON text."""
+    if not rows:
+        return {}
+    wanted = pl.Series(sorted(set(rows)), dtype=pl.Int64)
+    lf = pl.scan_parquet(path)
+    cols = list(lf.collect_schema())
+    df = (
+        lf.with_row_index("_r")
+        .filter((pl.col("_r").cast(pl.Int64) + 1).is_in(wanted.implode()))
+        .select((pl.col("_r").cast(pl.Int64) + 1).alias("row"),
+                pl.struct([pl.col(c).cast(pl.String) for c in cols]).struct.json_encode().alias("text"))
+        .collect()
+    )
+    return dict(zip(df["row"].to_list(), df["text"].to_list()))

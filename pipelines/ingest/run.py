@@ -1,0 +1,205 @@
+"""One source's ingest: plan -> stage A per file (streaming) -> stage B per equipment -> commit.
+
+Nothing reaches the store before every file of the batch has been read and checked: outputs are written
+under ``<store>/.staging/`` and renamed into place at the end (each store file atomically), so a failing
+file leaves the store, the quarantine and (since the caller persists it only on success) the watermark
+as they were. Re-running a batch that was committed but not recorded rewrites identical files.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import polars as pl
+
+from pipelines.config import PlantConfig, SourceConfig
+from pipelines.ingest.align import EquipmentOutcome, process_equipment
+from pipelines.ingest.quality import RowReason
+from pipelines.ingest.readers import REJECTED, StagedFile, fetch_lines, fetch_parquet_rows, stage_file
+from pipelines.ingest.report import FileReport, SourceReport
+from pipelines.ingest.state import FilePlan, SourceWatermark, plan_source
+from pipelines.ingest.store import partition_file
+
+QUARANTINE_SCHEMA = {"source": pl.String, "file": pl.String, "line": pl.Int64, "reason": pl.String,
+                     "raw": pl.String}
+
+
+@dataclass
+class SourceResult:
+    """A source's report and its updated watermark (for the caller to persist)."""
+
+    report: SourceReport
+    watermark: SourceWatermark
+
+
+def ingest_source(cfg: PlantConfig, src: SourceConfig, watermark: SourceWatermark | None = None, *,
+                  plans: list[FilePlan] | None = None, run_id: str = "run",
+                  progress: Callable[[Path], None] | None = None, full: bool = False) -> SourceResult:
+    """Ingest the new and changed files of one source into the store; return report and new watermark."""
+    etype = cfg.equipment_types[src.equipment_type]
+    wm = watermark or SourceWatermark(src.name)
+    plans = plans if plans is not None else plan_source(src, wm, full=full)
+    report = SourceReport(source=src.name, files_seen=len(plans))
+    files = dict(wm.files)
+    max_ts = dict(wm.max_ts)
+    to_read = [p for p in plans if p.to_read]
+    for p in plans:
+        if p.status == "touched":
+            files[p.state.path] = p.state
+    report.files_read = len(to_read)
+    if not to_read:
+        report.files = [FileReport(str(p.path), p.status) for p in plans]
+        return SourceResult(report, SourceWatermark(src.name, files, max_ts))
+
+    staging = cfg.store / ".staging" / f"{run_id}-{src.name}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        staged = []
+        for i, plan in enumerate(to_read):
+            staged.append(stage_file(plan.path, i, src, etype, staging / "in" / f"f{i}", plan.skip_rows))
+            if progress:
+                progress(plan.path)
+        _check_batch(src, etype.sensor_names, [s for s, p in zip(staged, to_read) if p.skip_rows == 0],
+                     [s.name for s in etype.sensors if s.required])
+
+        by_eq: dict[str, list[Path]] = {}
+        rejected: list[Path] = []
+        for info in staged:
+            for eq, d in info.partitions().items():
+                (rejected if eq == REJECTED else by_eq.setdefault(eq, [])).append(d)
+        quarantine = [
+            pl.scan_parquet([str(d / "*.parquet") for d in rejected]).select("_file", "_line", "_reason")
+            .filter(pl.col("_reason") != "blank").collect()
+        ] if rejected else []
+
+        outputs: list[tuple[Path, Path]] = []
+        per_file: list[pl.DataFrame] = []
+        for eq in sorted(by_eq):
+            df = pl.scan_parquet([str(d / "*.parquet") for d in by_eq[eq]]).collect()
+            outcome = process_equipment(df, src, etype, eq, wm.max_ts.get(eq), cfg.store)
+            del df
+            for day, part in outcome.days.items():
+                final = partition_file(cfg.store, etype.name, eq, day)
+                tmp = staging / "out" / final.relative_to(cfg.store)
+                tmp.parent.mkdir(parents=True, exist_ok=True)
+                part.write_parquet(tmp, compression="zstd", statistics=True)
+                outputs.append((tmp, final))
+                report.grid_rows_written += part.height
+            outcome.days.clear()
+            _add_outcome(report, outcome)
+            quarantine.append(outcome.quarantined)
+            per_file.append(outcome.per_file)
+            if outcome.max_ts is not None:
+                max_ts[eq] = max(max_ts.get(eq, outcome.max_ts), outcome.max_ts)
+
+        q = _quarantine_frame(src, to_read, quarantine)
+        _file_reports(report, plans, to_read, staged, per_file, q)
+        report.partitions_written = len(outputs)
+        q_tmp = staging / "quarantine.parquet"
+        if q.height:
+            q.write_parquet(q_tmp, compression="zstd")
+        report.check()
+
+        # commit: store files first, then the quarantine file (each rename is atomic)
+        for tmp, final in outputs:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, final)
+        if q.height:
+            q_final = cfg.quarantine / f"source={src.name}" / f"{run_id}.parquet"
+            q_final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(q_tmp, q_final)
+            report.quarantine_file = str(q_final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        parent = cfg.store / ".staging"
+        if parent.exists() and not any(parent.iterdir()):
+            parent.rmdir()
+
+    for info, plan in zip(staged, to_read):
+        files[plan.state.path] = replace(plan.state, lines=info.lines_read)
+    return SourceResult(report, SourceWatermark(src.name, files, max_ts))
+
+
+def _check_batch(src: SourceConfig, sensors: list[str], full_files: list[StagedFile], required: list[str]) -> None:
+    """Long layout: a required sensor without a single reading in the files read from the start."""
+    if src.layout != "long" or not full_files or not any(f.sensors_seen for f in full_files):
+        return
+    seen = set().union(*(f.sensors_seen for f in full_files))
+    missing = [s for s in required if s not in seen]
+    if missing:
+        names = ", ".join(str(f.path) for f in full_files[:5])
+        raise ValueError(f"{names}: required sensor {missing[0]!r} has no readings (tags seen for sensors: "
+                         f"{', '.join(sorted(seen))})")
+
+
+def _add_outcome(report: SourceReport, o: EquipmentOutcome) -> None:
+    report.equipment.append(o.equipment)
+    report.kept += o.kept
+    for k, v in o.deduplicated.items():
+        report.deduplicated_by_reason[k] = report.deduplicated_by_reason.get(k, 0) + v
+        report.deduplicated += v
+    report.add_nulled(o.nulled)
+    report.empty_values += o.empty
+    report.dst_ambiguous_resolved += o.ambiguous_resolved
+    report.gaps += o.gap_count
+    report.gap_steps += o.gap_steps
+    report.gap_list += o.gaps[: max(0, 50 - len(report.gap_list))]
+    report.stuck += o.stuck_count
+    report.stuck_list += o.stuck[: max(0, 50 - len(report.stuck_list))]
+    if o.unobserved_sensors:
+        report.unobserved_sensors[o.equipment] = o.unobserved_sensors
+
+
+def _quarantine_frame(src: SourceConfig, to_read: list[FilePlan], parts: list[pl.DataFrame]) -> pl.DataFrame:
+    """Every rejected row with its file, line, reason and original text."""
+    parts = [p for p in parts if p is not None and p.height]
+    if not parts:
+        return pl.DataFrame(schema=QUARANTINE_SCHEMA)
+    q = pl.concat([p.with_columns(pl.col("_reason").cast(RowReason)) for p in parts]).sort("_file", "_line")
+    frames = []
+    for (idx,), rows in q.partition_by("_file", as_dict=True).items():
+        path = to_read[idx].path
+        lines = rows["_line"].to_list()
+        raw = fetch_lines(path, lines) if src.format == "csv" else fetch_parquet_rows(path, lines)
+        frames.append(rows.select(
+            pl.lit(src.name).alias("source"), pl.lit(str(path)).alias("file"), pl.col("_line").alias("line"),
+            pl.col("_reason").cast(pl.String).alias("reason"),
+            pl.col("_line").replace_strict(raw, default=None, return_dtype=pl.String).alias("raw"),
+        ))
+    return pl.concat(frames)
+
+
+def _file_reports(report: SourceReport, plans: list[FilePlan], to_read: list[FilePlan], staged: list[StagedFile],
+                  per_file: list[pl.DataFrame], q: pl.DataFrame) -> None:
+    counts = {i: {"kept": 0, "deduplicated": 0} for i in range(len(to_read))}
+    for pf in per_file:
+        for row in pf.iter_rows(named=True):
+            counts[row["_file"]]["kept"] += row["kept"]
+            counts[row["_file"]]["deduplicated"] += row["deduplicated"]
+    q_by_file = {str(f): n for f, n in q.group_by("file").len().iter_rows()} if q.height else {}
+    for reason, n in (q.group_by("reason").len().iter_rows() if q.height else []):
+        report.quarantined_by_reason[reason] = n
+    report.quarantined = q.height
+    read_index = {p.path: i for i, p in enumerate(to_read)}
+    unknown_cols: set[str] = set()
+    unknown_tags: set[str] = set()
+    for plan in plans:
+        i = read_index.get(plan.path)
+        if i is None:
+            report.files.append(FileReport(str(plan.path), plan.status))
+            continue
+        info = staged[i]
+        fr = FileReport(str(plan.path), plan.status, rows_in=info.rows, kept=counts[i]["kept"],
+                        deduplicated=counts[i]["deduplicated"], quarantined=q_by_file.get(str(plan.path), 0),
+                        blank_lines=info.blank, unknown_columns=info.unknown_columns,
+                        missing_sensors=info.missing_sensors, not_numeric_first_line=info.not_numeric)
+        report.files.append(fr)
+        report.rows_in += info.rows
+        unknown_cols |= set(info.unknown_columns)
+        unknown_tags |= set(info.unknown_tags)
+    report.unknown_columns = sorted(unknown_cols)
+    report.unknown_sensors = sorted(unknown_tags)

@@ -1,0 +1,159 @@
+"""Routing Mamba (ROM_SPEC section 2): the mixer's in_proj (W_x, W_z) and out_proj (W_o) as E experts.
+
+One router per layer, p_t = softmax(h_t W_r); its top-K decision I_t and gate weights g_t are shared by
+all three routed projections:
+    x_t = sum_{i in I_t} h_t W_x,i ;  z_t = sum_{i in I_t} h_t W_z,i ;  out_t = sum_{i in I_t} g_t,i y_t W_o,i
+(gate_on_all=True also weights x_t and z_t by g). g is the raw softmax probability for K=1 (Switch) and
+renormalised over the chosen K for K>1, so the router always gets gradient. conv1d, x_proj, dt_proj, A_log
+and D (the `SelectiveSSM`) are shared: one state trajectory per channel.
+
+Dispatch is dropless and its compute grows with K, not E: the N*K token-slots are sorted by expert and
+each expert multiplies only its own rows (`expert_matmul`, the one place a grouped-matmul kernel plugs in).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rmamba.config import RoMConfig
+from rmamba.mamba import MambaMixer, Mixer, make_ssm
+
+
+def expert_matmul(x_sorted: Tensor, weights: Tensor, counts: Sequence[int]) -> Tensor:
+    """Grouped matmul: row block e of ``x_sorted`` times expert e's weight.
+
+    x_sorted: (S, d_in), rows grouped by expert in order 0..E-1; weights: (E, d_out, d_in) (nn.Linear layout);
+    counts: E ints summing to S. Returns (S, d_out). FLOPs = 2 * S * d_in * d_out, independent of E.
+    """
+    pieces = [F.linear(xs, weights[e]) for e, xs in enumerate(x_sorted.split(list(counts))) if counts[e] > 0]
+    return torch.cat(pieces) if pieces else x_sorted.new_zeros(0, weights.shape[1])
+
+
+@dataclass
+class RoutingStats:
+    """Routing of one layer over one call (or several, merged). Counts are over token-slots (tokens * K)."""
+
+    tokens_per_expert: Tensor        # (E,) int64, slots routed to each expert; sums to n_tokens * top_k
+    prob_sum: Tensor                 # (E,) fp32, router probabilities summed over tokens (carries grad)
+    z_sum: Tensor                    # () fp32, sum over tokens of logsumexp(logits)^2 (carries grad)
+    n_tokens: int
+    top_k: int
+    top_experts: Tensor | None = None  # (batch, L, K) int64 experts chosen per token; None once merged
+
+    @property
+    def num_experts(self) -> int:
+        return self.tokens_per_expert.numel()
+
+    @property
+    def mean_prob(self) -> Tensor:
+        """(E,) mean router probability per expert (detached, for monitoring)."""
+        return self.prob_sum.detach() / max(self.n_tokens, 1)
+
+    @property
+    def usage(self) -> Tensor:
+        """(E,) share of routed slots per expert (sums to 1)."""
+        return self.tokens_per_expert.float() / max(self.n_tokens * self.top_k, 1)
+
+    def load_balance_loss(self) -> Tensor:
+        """Switch load balancing E * sum_i f_i P_i (1 when balanced; f_i carries no gradient, P_i does)."""
+        P = self.prob_sum / max(self.n_tokens, 1)
+        return self.num_experts * (self.usage.to(P.device) * P).sum()
+
+    def z_loss(self) -> Tensor:
+        """Router z-loss: mean over tokens of logsumexp(logits)^2."""
+        return self.z_sum / max(self.n_tokens, 1)
+
+    def aux_loss(self, lb_coef: float, z_coef: float) -> Tensor:
+        return lb_coef * self.load_balance_loss() + z_coef * self.z_loss()
+
+
+def merge_routing_stats(stats: Sequence[RoutingStats]) -> RoutingStats:
+    """Pool the stats of one layer over several calls (e.g. one batch per equipment type), so the load
+    balance is asked of the union and not of each call (that would forbid per-type specialisation)."""
+    return RoutingStats(
+        tokens_per_expert=torch.stack([s.tokens_per_expert for s in stats]).sum(0),
+        prob_sum=torch.stack([s.prob_sum for s in stats]).sum(0),
+        z_sum=torch.stack([s.z_sum for s in stats]).sum(),
+        n_tokens=sum(s.n_tokens for s in stats), top_k=stats[0].top_k, top_experts=None)
+
+
+@dataclass
+class _Dispatch:
+    """Where each token-slot goes; slots are sorted by expert."""
+
+    token_of_slot: Tensor   # (N*K,) int64 token index of each sorted slot
+    gate_of_slot: Tensor    # (N*K,) fp32 gate weight of each sorted slot
+    counts: list[int]       # E ints, slots per expert
+    top_experts: Tensor     # (N, K) int64
+    probs: Tensor           # (N, E) fp32
+    logits: Tensor          # (N, E) fp32
+
+
+class RoMMixer(Mixer):
+    """Routed Mamba-1 mixer. Experts: w_in (E, 2*d_inner, d_model) = [W_x; W_z] per expert and
+    w_out (E, d_model, d_inner) = W_o (nn.Linear layout: (out, in)). Router: Linear(d_model, E, bias=False)."""
+
+    def __init__(self, cfg: RoMConfig):
+        super().__init__()
+        if cfg.num_experts < 1:
+            raise ValueError(f"num_experts: RoMMixer expects >= 1 expert, got {cfg.num_experts}")
+        self.d_model, self.d_inner = cfg.d_model, cfg.d_inner
+        self.num_experts, self.top_k, self.gate_on_all = cfg.num_experts, cfg.top_k, cfg.gate_on_all
+        self.router = nn.Linear(cfg.d_model, cfg.num_experts, bias=False)
+        self.w_in = nn.Parameter(torch.empty(cfg.num_experts, 2 * cfg.d_inner, cfg.d_model))
+        self.ssm = make_ssm(cfg)
+        self.w_out = nn.Parameter(torch.empty(cfg.num_experts, cfg.d_model, cfg.d_inner))
+        # Each expert initialised as the nn.Linear it replaces: U(+-1/sqrt(fan_in)).
+        nn.init.uniform_(self.w_in, -cfg.d_model ** -0.5, cfg.d_model ** -0.5)
+        nn.init.uniform_(self.w_out, -cfg.d_inner ** -0.5, cfg.d_inner ** -0.5)
+
+    @torch.no_grad()
+    def load_dense(self, dense: MambaMixer) -> RoMMixer:
+        """Copy a MambaMixer's weights into every expert and the shared SSM ("upcycling").
+        With E=1 the result computes exactly what ``dense`` computes."""
+        self.ssm.load_state_dict(dense.ssm.state_dict())
+        self.w_in.copy_(dense.in_proj.weight.expand_as(self.w_in))
+        self.w_out.copy_(dense.out_proj.weight.expand_as(self.w_out))
+        return self
+
+    def route(self, h: Tensor) -> _Dispatch:
+        """h (N, d_model) -> top-K experts per token, gates, and the slot order sorted by expert."""
+        logits = self.router(h).float()                   # (N, E); routing math in fp32
+        probs = logits.softmax(dim=-1)
+        top_p, top_i = probs.topk(self.top_k, dim=-1)     # (N, K)
+        gates = top_p if self.top_k == 1 else top_p / top_p.sum(-1, keepdim=True)
+        flat = top_i.reshape(-1)                          # slot s = token * K + k
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        return _Dispatch(order // self.top_k, gates.reshape(-1)[order], counts, top_i, probs, logits)
+
+    def project_in(self, h: Tensor) -> tuple[Tensor, _Dispatch]:
+        """h (N, d_model) -> xz (N, 2*d_inner) summed over each token's K experts."""
+        d = self.route(h)
+        xz_sorted = expert_matmul(h.index_select(0, d.token_of_slot), self.w_in, d.counts)  # (N*K, 2*d_inner)
+        if self.gate_on_all:
+            xz_sorted = xz_sorted * d.gate_of_slot[:, None].to(xz_sorted.dtype)
+        return h.new_zeros(h.shape[0], 2 * self.d_inner).index_add_(0, d.token_of_slot, xz_sorted), d
+
+    def project_out(self, y: Tensor, d: _Dispatch) -> Tensor:
+        """y (N, d_inner) -> out (N, d_model) = sum over the token's experts of g * y W_o."""
+        o = expert_matmul(y.index_select(0, d.token_of_slot), self.w_out, d.counts)  # (N*K, d_model)
+        o = o * d.gate_of_slot[:, None].to(o.dtype)
+        return y.new_zeros(y.shape[0], self.d_model).index_add_(0, d.token_of_slot, o)
+
+    def routing_stats(self, d: _Dispatch, shape: tuple[int, int]) -> RoutingStats:
+        n = d.probs.shape[0]
+        return RoutingStats(
+            tokens_per_expert=torch.tensor(d.counts, dtype=torch.int64),
+            prob_sum=d.probs.sum(0),
+            z_sum=torch.logsumexp(d.logits, dim=-1).pow(2).sum(),
+            n_tokens=n, top_k=self.top_k,
+            top_experts=d.top_experts.detach().view(*shape, self.top_k))
+
+
+__all__ = ["RoMMixer", "RoutingStats", "expert_matmul", "merge_routing_stats"]
