@@ -113,7 +113,7 @@ class PlantConfig:
         for s in self.sources:
             if s.name == name:
                 return s
-        raise KeyError(f"no source named {name!r} (sources: {', '.join(s.name for s in self.sources)})")
+        raise ValueError(f"no source named {name!r} (sources: {', '.join(s.name for s in self.sources)})")
 
 
 def parse_duration(text: str) -> timedelta:

@@ -99,7 +99,7 @@ class SelectiveSSM(nn.Module):
 
     def forward(self, x: Tensor, z: Tensor, state: LayerState | None = None) -> tuple[Tensor, LayerState]:
         """x, z: (batch, L, d_inner) -> y (batch, L, d_inner), new state (the given one is not modified)."""
-        b, L, _ = x.shape
+        b = x.shape[0]
         xt = x.transpose(1, 2)  # (b, d_inner, L)
         if state is None:
             xpad = F.pad(xt, (self.d_conv - 1, 0))

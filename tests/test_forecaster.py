@@ -177,7 +177,8 @@ def sawtooth(g: torch.Generator, b: int, L: int, n: int = 5) -> torch.Tensor:
 def test_toy_two_equipment_types_learn_and_route_apart():
     """Bounds: held-out NLL (nats per observed value) < 0.0 on average and < 0.4 per type (a Gaussian fitted to
     the marginal scores ~1.07 on the sines and ~0.87 on the sawtooth; the untrained model ~1.5); expert usage of
-    the two types differs by total variation > 0.3 (mean over layers); training takes < 60 s."""
+    the two types differs by total variation > 0.3 (mean over layers); training takes < 60 s of CPU time
+    (process time, one thread: wall time on a shared machine measures the neighbours)."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     gens = {"pump": sines, "compressor": sawtooth}
@@ -185,7 +186,7 @@ def test_toy_two_equipment_types_learn_and_route_apart():
     steps, lr = 200, 5e-3
     opt = torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(steps):
         outs = []
         for name, fn in gens.items():
@@ -199,7 +200,7 @@ def test_toy_two_equipment_types_learn_and_route_apart():
         torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
         opt.step()
         sched.step()
-    elapsed = time.perf_counter() - t0
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
 
     held_out, usage = {}, {}
     with torch.no_grad():
@@ -208,8 +209,8 @@ def test_toy_two_equipment_types_learn_and_route_apart():
             held_out[name] = out.forecast_loss().item()
             usage[name] = [s.usage for s in out.routing]
     tv = sum(0.5 * (a - b).abs().sum().item() for a, b in zip(usage["pump"], usage["compressor"])) / 2
-    print(f"toy: held-out NLL {held_out}, routing TV {tv:.3f}, {elapsed:.1f} s")
+    print(f"toy: held-out NLL {held_out}, routing TV {tv:.3f}, {cpu:.1f} s CPU, {elapsed:.1f} s wall")
     assert sum(held_out.values()) / 2 < 0.0, held_out
     assert max(held_out.values()) < 0.4, held_out
     assert tv > 0.3, (tv, usage)
-    assert elapsed < 60, f"toy training took {elapsed:.0f} s"
+    assert cpu < 60, f"toy training took {cpu:.0f} s of CPU time"

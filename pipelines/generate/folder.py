@@ -118,23 +118,23 @@ def generate_plant(
             rows[rel] = n_rows
             labels.append(unit.labels)
             defects.append(unit_defects)
-            units.append(unit if keep_truth else None)
+            if keep_truth:
+                units.append(unit)
             bar.set_postfix_str(unit.equipment_id, refresh=False)
             bar.update(1)
 
     label_frame = concat_labels(labels)
     label_frame.with_columns(pl.col("start", "end").dt.strftime(ISO_UTC)).write_csv(out / LABELS_FILE)
     files[LABELS_FILE] = (out / LABELS_FILE).stat().st_size
-    train_end = calendar.timestamps[int(round(spec.clean_fraction * calendar.n))]
+    train_end = calendar.timestamps[min(int(round(spec.clean_fraction * calendar.n)), calendar.n - 1)]
     config_path = out / CONFIG_FILE
     config_path.write_text(render_plant_toml(spec, sources, train_end))
     files[CONFIG_FILE] = config_path.stat().st_size
     (out / README_FILE).write_text(render_readme(spec, sources, files, rows, label_frame, train_end))
     files[README_FILE] = (out / README_FILE).stat().st_size
 
-    truth = PlantTruth(spec, calendar, [u for u in units if u is not None]) if keep_truth else None
-    defect_frame = pl.concat(defects) if defects else pl.DataFrame()
-    return GeneratedPlant(out, config_path, spec, label_frame, defect_frame, files, rows, train_end, truth)
+    truth = PlantTruth(spec, calendar, units) if keep_truth else None
+    return GeneratedPlant(out, config_path, spec, label_frame, pl.concat(defects), files, rows, train_end, truth)
 
 
 def _toml_value(v: object) -> str:
@@ -262,7 +262,8 @@ def render_readme(
         f"  Wide files: sentinel {SENTINEL:g} in some cells, empty cells, logger outages (missing rows),",
         "  a few exactly repeated rows. Local wall-clock time: around daylight-saving changes an hour is",
         "  skipped (spring) or repeated (autumn).",
-        "  Historian files: deadband compression (irregular timestamps, a value at least every 10 minutes),",
+        "  Historian files: deadband compression (irregular timestamps up to 30 s before the minute a reading",
+        "  stands for, a value at least every 10 minutes),",
         "  'Shutdown' markers, state words ('I/O Timeout', 'Comm Fail') in the value column, Bad and",
         f"  Uncertain quality, sentinel {SENTINEL:g}, exact duplicates and a couple of conflicting duplicates.",
         "",

@@ -29,39 +29,56 @@ RowReason = pl.Enum(ROW_REASONS)
 Q_GOOD, Q_UNCERTAIN, Q_BAD, Q_UNKNOWN = 0, 1, 2, 3
 
 
+Stages = list[list[pl.Expr]]  # each inner list is one with_columns step; a step may use earlier columns
+
+
+def merge_stages(*parts: Stages) -> Stages:
+    """Zip several stage lists so that step k of each runs in the same with_columns."""
+    n = max((len(p) for p in parts), default=0)
+    return [[e for p in parts if k < len(p) for e in p[k]] for k in range(n)]
+
+
 def has_offset(fmt: str | None) -> bool:
     """True when a timestamp format carries its own UTC offset (then the configured zone is not used)."""
     return fmt is not None and any(t in fmt for t in ("%z", "%:z", "%::z", "%#z"))
 
 
-def parse_timestamps(raw: pl.Expr, src: SourceConfig, dtype: pl.DataType | None = None) -> dict[str, pl.Expr]:
-    """Local text (or datetimes) to UTC, both readings of an ambiguous local time, and DST flags.
+def timestamp_stages(raw: str, src: SourceConfig, dtype: pl.DataType) -> Stages:
+    """Local text (or datetimes) in column ``raw`` to UTC.
 
-    Returns expressions ``parsed`` (not null when the text matched the format), ``ts_e`` / ``ts_l`` (UTC,
-    the earlier / later reading of a repeated local time at DST end; equal elsewhere), ``amb`` (the local
-    time occurs twice) and ``nonexistent`` (the local time falls in the DST gap).
+    Adds ``_parsed`` (null when the text does not match the format), ``ts_e`` / ``ts_l`` (UTC; the earlier /
+    later reading of a local time repeated at DST end, equal elsewhere), ``_amb`` (the local time occurs
+    twice) and ``_nonexist`` (it falls in the DST gap). Intermediate results are columns, not repeated
+    expressions, so each parse runs once.
     """
-    if dtype is not None and isinstance(dtype, pl.Datetime) and dtype.time_zone is not None:
-        utc = raw.dt.convert_time_zone("UTC").dt.cast_time_unit("us")
-        return {"parsed": utc, "ts_e": utc, "ts_l": utc, "amb": pl.lit(False), "nonexistent": pl.lit(False)}
-    if dtype is not None and isinstance(dtype, pl.Datetime | pl.Date):
-        naive = raw.cast(pl.Datetime("us"))
+    col = pl.col(raw)
+    no_dst = [pl.lit(False).alias("_amb"), pl.lit(False).alias("_nonexist")]
+    if isinstance(dtype, pl.Datetime) and dtype.time_zone is not None:
+        utc = col.dt.convert_time_zone("UTC").dt.cast_time_unit("us")
+        return [[utc.alias("_parsed")], [pl.col("_parsed").alias("ts_e"), pl.col("_parsed").alias("ts_l"), *no_dst]]
+    if isinstance(dtype, pl.Datetime | pl.Date):
+        parsed = col.cast(pl.Datetime("us"))
     else:
         fmt = src.timestamp_format
         if fmt is None:
             raise ValueError(f"source {src.name!r}: timestamp_format is needed for text timestamps")
         if has_offset(fmt):
-            utc = raw.str.to_datetime(fmt, strict=False, time_unit="us", time_zone="UTC")
-            return {"parsed": utc, "ts_e": utc, "ts_l": utc, "amb": pl.lit(False), "nonexistent": pl.lit(False)}
-        naive = raw.str.to_datetime(fmt, strict=False, time_unit="us")
+            utc = col.str.to_datetime(fmt, strict=False, time_unit="us", time_zone="UTC")
+            return [[utc.alias("_parsed")],
+                    [pl.col("_parsed").alias("ts_e"), pl.col("_parsed").alias("ts_l"), *no_dst]]
+        parsed = col.str.to_datetime(fmt, strict=False, time_unit="us")
+    naive = pl.col("_parsed")
     if src.timezone == "UTC":
         utc = naive.dt.replace_time_zone("UTC")
-        return {"parsed": naive, "ts_e": utc, "ts_l": utc, "amb": pl.lit(False), "nonexistent": pl.lit(False)}
+        return [[parsed.alias("_parsed")], [utc.alias("ts_e"), utc.alias("ts_l"), *no_dst]]
     ts_e = naive.dt.replace_time_zone(src.timezone, ambiguous="earliest", non_existent="null")
     ts_l = naive.dt.replace_time_zone(src.timezone, ambiguous="latest", non_existent="null")
-    ts_e, ts_l = ts_e.dt.convert_time_zone("UTC"), ts_l.dt.convert_time_zone("UTC")
-    return {"parsed": naive, "ts_e": ts_e, "ts_l": ts_l, "amb": (ts_e != ts_l).fill_null(False),
-            "nonexistent": naive.is_not_null() & ts_e.is_null()}
+    return [
+        [parsed.alias("_parsed")],
+        [ts_e.dt.convert_time_zone("UTC").alias("ts_e"), ts_l.dt.convert_time_zone("UTC").alias("ts_l")],
+        [(pl.col("ts_e") != pl.col("ts_l")).fill_null(False).alias("_amb"),
+         (naive.is_not_null() & pl.col("ts_e").is_null()).alias("_nonexist")],
+    ]
 
 
 def quality_class(q: pl.Expr) -> pl.Expr:
@@ -78,46 +95,59 @@ def quality_class(q: pl.Expr) -> pl.Expr:
     )
 
 
-def clean_value(raw: pl.Expr, src: SourceConfig, sensor: SensorConfig | None, dtype: pl.DataType,
-                quality: pl.Expr | None = None) -> tuple[pl.Expr, pl.Expr]:
-    """A raw value column (text or numbers) to (Float64 value, UInt8 reason code).
+def value_stages(raw: str, out: str, src: SourceConfig, dtype: pl.DataType, sensor: SensorConfig | None = None,
+                 quality: str | None = None, row_sensor: tuple[str, tuple[SensorConfig, ...]] | None = None
+                 ) -> Stages:
+    """Column ``raw`` (text or numbers) to ``out`` (Float64, null unless usable) and ``out__why`` (UInt8 code).
 
-    The value is null unless the code is 0. ``sensor`` None means per-row limits are applied later (long
-    layout, where each row is a different sensor: see `apply_limits_long`).
+    ``sensor`` gives the physical limits of a wide column; for long rows, ``row_sensor`` = (name of the
+    sensor column, sensors) looks the limits up per row. Temporary columns start with ``_t_<out>``.
     """
+    t = f"_t_{out}"
+    col = pl.col(raw)
+    s1: list[pl.Expr] = []
+    s2: list[pl.Expr] = []
     if dtype == pl.String:
-        text = raw.str.replace(",", ".", literal=True) if src.decimal_comma else raw
-        fast = text.cast(pl.Float64, strict=False)
+        text = col.str.replace(",", ".", literal=True) if src.decimal_comma else col
+        s1.append(text.cast(pl.Float64, strict=False).alias(f"{t}_f"))
         # The slower string work only touches values the plain cast rejected (the rest are masked to null).
-        odd = pl.when(fast.is_null()).then(text).str.strip_chars()
-        num = pl.coalesce(fast, odd.cast(pl.Float64, strict=False))
+        odd = pl.when(pl.col(f"{t}_f").is_null()).then(text).str.strip_chars()
         words = [w.lower() for w in src.state_words]
-        is_word = odd.str.to_lowercase().is_in(words) if words else pl.lit(False)
-        unparsed = num.is_null()
+        s2 += [pl.coalesce(pl.col(f"{t}_f"), odd.cast(pl.Float64, strict=False)).alias(f"{t}_n"),
+               (odd.str.to_lowercase().is_in(words) if words else pl.lit(False)).alias(f"{t}_w")]
     elif dtype.is_numeric() or dtype == pl.Boolean:
-        num, is_word, unparsed = raw.cast(pl.Float64), pl.lit(False), pl.lit(False)
+        s1.append(col.cast(pl.Float64).alias(f"{t}_f"))
+        s2 += [pl.col(f"{t}_f").alias(f"{t}_n"), pl.lit(False).alias(f"{t}_w")]
     else:
         raise TypeError(f"values of type {dtype} are not numbers or text")
-    code = pl.when(raw.is_null()).then(pl.lit(CODE["empty"], pl.UInt8))
     if quality is not None:
-        qc = quality_class(quality)
-        code = code.when(qc == Q_BAD).then(pl.lit(CODE["quality_bad"], pl.UInt8))
+        s1.append(quality_class(pl.col(quality).cast(pl.String)).alias(f"{t}_q"))
+    num, word, qc = pl.col(f"{t}_n"), pl.col(f"{t}_w"), pl.col(f"{t}_q")
+
+    def lit(name: str) -> pl.Expr:
+        return pl.lit(CODE[name], pl.UInt8)
+
+    code = pl.when(col.is_null()).then(lit("empty"))
+    if quality is not None:
+        code = code.when(qc == Q_BAD).then(lit("quality_bad"))
         if not src.keep_uncertain:
-            code = code.when(qc == Q_UNCERTAIN).then(pl.lit(CODE["quality_uncertain"], pl.UInt8))
-        code = code.when(qc == Q_UNKNOWN).then(pl.lit(CODE["quality_unknown"], pl.UInt8))
+            code = code.when(qc == Q_UNCERTAIN).then(lit("quality_uncertain"))
+        code = code.when(qc == Q_UNKNOWN).then(lit("quality_unknown"))
     code = (
-        code.when(unparsed & is_word).then(pl.lit(CODE["state_word"], pl.UInt8))
-        .when(unparsed).then(pl.lit(CODE["not_numeric"], pl.UInt8))
-        .when(~num.is_finite()).then(pl.lit(CODE["not_finite"], pl.UInt8))
+        code.when(num.is_null() & word).then(lit("state_word"))
+        .when(num.is_null()).then(lit("not_numeric"))
+        .when(~num.is_finite()).then(lit("not_finite"))
     )
     if src.sentinels:
-        code = code.when(num.is_in(list(src.sentinels))).then(pl.lit(CODE["sentinel"], pl.UInt8))
-    if sensor is not None:
-        out = _out_of_range(num, sensor)
-        if out is not None:
-            code = code.when(out).then(pl.lit(CODE["out_of_range"], pl.UInt8))
-    code = code.otherwise(pl.lit(CODE["ok"], pl.UInt8))
-    return num, code
+        code = code.when(num.is_in(list(src.sentinels))).then(lit("sentinel"))
+    out_of_range = _out_of_range(num, sensor) if sensor is not None else None
+    if row_sensor is not None:
+        out_of_range = _out_of_range_rows(num, pl.col(row_sensor[0]), row_sensor[1])
+    if out_of_range is not None:
+        code = code.when(out_of_range).then(lit("out_of_range"))
+    why = f"{out}__why"
+    return [s1, s2, [code.otherwise(lit("ok")).alias(why)],
+            [pl.when(pl.col(why) == CODE["ok"]).then(num).otherwise(None).alias(out)]]
 
 
 def _out_of_range(num: pl.Expr, sensor: SensorConfig) -> pl.Expr | None:
@@ -131,20 +161,13 @@ def _out_of_range(num: pl.Expr, sensor: SensorConfig) -> pl.Expr | None:
     return conds[0] if len(conds) == 1 else conds[0] | conds[1]
 
 
-def apply_limits_long(value: pl.Expr, code: pl.Expr, sensor: pl.Expr, sensors: tuple[SensorConfig, ...]
-                      ) -> pl.Expr:
-    """Reason code after the per-sensor physical limits of long-layout rows (sensor name per row)."""
+def _out_of_range_rows(num: pl.Expr, sensor: pl.Expr, sensors: tuple[SensorConfig, ...]) -> pl.Expr | None:
+    """Per-row physical limits for long layout (the sensor name differs from row to row)."""
     lo = {s.name: s.min for s in sensors if s.min is not None}
     hi = {s.name: s.max for s in sensors if s.max is not None}
     if not lo and not hi:
-        return code
+        return None
     name = sensor.cast(pl.String)
     lo_e = name.replace_strict(lo, default=None, return_dtype=pl.Float64) if lo else pl.lit(None, pl.Float64)
     hi_e = name.replace_strict(hi, default=None, return_dtype=pl.Float64) if hi else pl.lit(None, pl.Float64)
-    out = ((value < lo_e).fill_null(False)) | ((value > hi_e).fill_null(False))
-    return pl.when((code == CODE["ok"]) & out).then(pl.lit(CODE["out_of_range"], pl.UInt8)).otherwise(code)
-
-
-def final_value(num: pl.Expr, code: pl.Expr) -> pl.Expr:
-    """The cleaned value: the number where the code says ok, else null."""
-    return pl.when(code == CODE["ok"]).then(num).otherwise(None)
+    return (num < lo_e).fill_null(False) | (num > hi_e).fill_null(False)

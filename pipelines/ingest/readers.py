@@ -19,20 +19,13 @@ import csv
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote
 
 import polars as pl
 
 from pipelines.config import EquipmentType, SourceConfig
-from pipelines.ingest.quality import (
-    CODE,
-    RowReason,
-    apply_limits_long,
-    clean_value,
-    final_value,
-    has_offset,
-    parse_timestamps,
-)
+from pipelines.ingest.quality import CODE, RowReason, has_offset, merge_stages, timestamp_stages, value_stages
 
 REJECTED = "\x1frejected"  # partition key of rejected rows (cannot be an equipment id: control char)
 _OTHER_DELIMITERS = (",", ";", "\t", "|")
@@ -80,6 +73,8 @@ def read_csv_header(path: Path, src: SourceConfig) -> list[str]:
         raise ValueError(f"{path}, line 1 (header): byte 0x{first[exc.start]:02x} at position {exc.start + 1} "
                          f"is not UTF-8; expected a UTF-8 text file") from None
     text = text.lstrip("\ufeff").rstrip("\r\n")
+    if "\x00" in text:
+        raise ValueError(f"{path}, line 1: NUL bytes: a binary file, not CSV text (expected a header line)")
     if not text.strip():
         raise ValueError(f"{path}, line 1: blank; expected a header line naming the columns")
     names = [n.strip() for n in next(csv.reader([text], delimiter=src.delimiter))]
@@ -138,6 +133,7 @@ def scan_bad_lines(path: Path, src: SourceConfig, n_columns: int, skip_lines: in
         lf.filter(line.is_null() | (n_sep != n_columns - 1) | bad_utf8)
         .select(
             (pl.col("_i").cast(pl.Int64) + 1).alias("line"),
+            (n_sep + 1).alias("fields"),
             pl.when(line.is_null() | (line.str.strip_chars() == "")).then(pl.lit("blank"))
             .when(bad_utf8).then(pl.lit("invalid_utf8"))
             .otherwise(pl.lit("ragged_line")).alias("kind"),
@@ -208,8 +204,8 @@ def _check_columns(path: Path, src: SourceConfig, etype: EquipmentType, names: l
     return present, missing_optional, [n for n in names if n not in used]
 
 
-def _row_reason(bad: pl.DataFrame | None, ts: dict[str, pl.Expr], ts_raw: pl.Expr, src: SourceConfig
-                ) -> pl.Expr:
+def _row_reason(bad: pl.DataFrame | None, src: SourceConfig) -> Any:
+    """The first applicable row reason (blank, ragged, bad bytes, timestamp and DST problems)."""
     reason = pl.when(pl.lit(False)).then(pl.lit(None, RowReason))
     if bad is not None and bad.height:
         for kind in ("blank", "ragged_line", "invalid_utf8"):
@@ -217,16 +213,16 @@ def _row_reason(bad: pl.DataFrame | None, ts: dict[str, pl.Expr], ts_raw: pl.Exp
             if lines.len():
                 reason = reason.when(pl.col("_line").is_in(lines.implode())).then(pl.lit(kind, RowReason))
     reason = (
-        reason.when(ts_raw.is_null()).then(pl.lit("missing_timestamp", RowReason))
-        .when(ts["parsed"].is_null()).then(pl.lit("bad_timestamp", RowReason))
-        .when(ts["nonexistent"]).then(pl.lit("dst_nonexistent", RowReason))
+        reason.when(pl.col(src.timestamp_column).is_null()).then(pl.lit("missing_timestamp", RowReason))
+        .when(pl.col("_parsed").is_null()).then(pl.lit("bad_timestamp", RowReason))
+        .when(pl.col("_nonexist")).then(pl.lit("dst_nonexistent", RowReason))
     )
     if src.ambiguous == "quarantine":
-        reason = reason.when(ts["amb"]).then(pl.lit("dst_ambiguous", RowReason))
+        reason = reason.when(pl.col("_amb")).then(pl.lit("dst_ambiguous", RowReason))
     return reason
 
 
-def _equipment_expr(src: SourceConfig, schema: dict[str, pl.DataType]) -> pl.Expr | None:
+def _equipment_expr(src: SourceConfig) -> pl.Expr | None:
     if src.equipment_id is not None:
         return pl.lit(src.equipment_id, pl.String)
     if src.equipment_id_column is not None:
@@ -237,59 +233,65 @@ def _equipment_expr(src: SourceConfig, schema: dict[str, pl.DataType]) -> pl.Exp
 
 def build_staged(lf: pl.LazyFrame, schema: dict[str, pl.DataType], names: list[str], src: SourceConfig,
                  etype: EquipmentType, index: int, bad: pl.DataFrame | None) -> tuple[pl.LazyFrame, list[str]]:
-    """The stage A expressions over a scanned file. Returns (staged frame, sensors present in wide)."""
-    ts_raw = pl.col(src.timestamp_column)
-    ts = parse_timestamps(ts_raw, src, schema[src.timestamp_column])
-    reason = _row_reason(bad, ts, ts_raw, src)
-    equipment = _equipment_expr(src, schema)
-    cols: list[pl.Expr] = [
-        pl.lit(index, pl.Int32).alias("_file"), pl.col("_line"),
-        ts["ts_e"].alias("ts_e"), ts["ts_l"].alias("ts_l"), ts["amb"].alias("_amb"),
-    ]
+    """The stage A expressions over a scanned file. Returns (staged frame, sensors present in wide).
+
+    Work is laid out as successive with_columns steps over named intermediate columns (prefixed ``_``),
+    so that every parse runs once per value even where its result is used several times.
+    """
+    ts_stages = timestamp_stages(src.timestamp_column, src, schema[src.timestamp_column])
+    equipment = _equipment_expr(src)
+    reason = _row_reason(bad, src)
     present: list[str] = []
+    pre: list[pl.Expr] = []
+    parts: list[list[list[pl.Expr]]] = []
+    final: list[pl.Expr] = []
     if src.layout == "wide":
         present = [s.name for s in etype.sensors if s.name in names]
-        reason = reason.when(equipment.is_null()).then(pl.lit("missing_equipment_id", RowReason))
-        cols.append(equipment.alias("equipment"))
+        pre.append(equipment.alias("_eq"))
+        reason = reason.when(pl.col("_eq").is_null()).then(pl.lit("missing_equipment_id", RowReason))
         for s in etype.sensors:
             if s.name not in present:
-                cols += [pl.lit(None, pl.Float64).alias(s.name), pl.lit(CODE["ok"], pl.UInt8).alias(f"{s.name}__why")]
+                final += [pl.lit(None, pl.Float64).alias(s.name), pl.lit(CODE["ok"], pl.UInt8).alias(f"{s.name}__why")]
                 continue
             qname = f"{s.name}{src.quality_suffix}" if src.quality_suffix else None
-            quality = pl.col(qname).cast(pl.String) if qname and qname in names else None
-            num, code = clean_value(pl.col(s.name), src, s, schema[s.name], quality)
-            cols += [final_value(num, code).alias(s.name), code.alias(f"{s.name}__why")]
+            parts.append(value_stages(s.name, f"_v_{s.name}", src, schema[s.name], sensor=s,
+                                      quality=qname if qname in names else None))
+            final += [pl.col(f"_v_{s.name}").alias(s.name), pl.col(f"_v_{s.name}__why").alias(f"{s.name}__why")]
     else:
         tag = pl.col(src.tag_column).cast(pl.String)
-        sensor_t = pl.Enum(etype.sensor_names)
         sensor = pl.when(pl.lit(False)).then(pl.lit(None, pl.String))
         suffix_len = pl.when(pl.lit(False)).then(pl.lit(None, pl.Int64))
         for s in etype.sensors:
-            hit = tag.str.ends_with(f".{s.name}") | (tag == s.name)
-            sensor = sensor.when(hit).then(pl.lit(s.name))
+            sensor = sensor.when(tag.str.ends_with(f".{s.name}") | (tag == s.name)).then(pl.lit(s.name))
             suffix_len = suffix_len.when(tag.str.ends_with(f".{s.name}")).then(pl.lit(len(s.name) + 1))
-        sensor = sensor.otherwise(None)
-        if equipment is None:
-            equipment = tag.str.head(-suffix_len.otherwise(None))
-            equipment = pl.when(equipment == "").then(None).otherwise(equipment)
-        has_prefix = tag.str.contains(".", literal=True) if _equipment_expr(src, schema) is None else pl.lit(True)
+        pre.append(sensor.otherwise(None).alias("_sn"))
+        has_prefix = pl.lit(True)
+        if equipment is None:  # the equipment id is the tag up to ".<sensor>"
+            head = tag.str.head(-suffix_len.otherwise(None))
+            equipment = pl.when(head == "").then(None).otherwise(head)
+            has_prefix = tag.str.contains(".", literal=True)
+        pre.append(equipment.alias("_eq"))
         reason = (
             reason.when(tag.is_null()).then(pl.lit("bad_tag", RowReason))
-            .when(sensor.is_null() & has_prefix).then(pl.lit("unknown_sensor", RowReason))
-            .when(sensor.is_null()).then(pl.lit("bad_tag", RowReason))
-            .when(equipment.is_null()).then(pl.lit("missing_equipment_id", RowReason))
+            .when(pl.col("_sn").is_null() & has_prefix).then(pl.lit("unknown_sensor", RowReason))
+            .when(pl.col("_sn").is_null()).then(pl.lit("bad_tag", RowReason))
+            .when(pl.col("_eq").is_null()).then(pl.lit("missing_equipment_id", RowReason))
         )
-        quality = pl.col(src.quality_column).cast(pl.String) if src.quality_column else None
-        num, code = clean_value(pl.col(src.value_column), src, None, schema[src.value_column], quality)
-        code = apply_limits_long(num, code, sensor, etype.sensors)
-        cols += [
-            equipment.alias("equipment"), sensor.cast(sensor_t).alias("sensor"),
-            final_value(num, code).alias("value"), code.alias("value__why"),
-            pl.when(sensor.is_null()).then(tag).otherwise(None).alias("_tag"),
+        parts.append([[], *value_stages(src.value_column, "_val", src, schema[src.value_column],
+                                        quality=src.quality_column, row_sensor=("_sn", etype.sensors))])
+        final += [
+            pl.col("_sn").cast(pl.Enum(etype.sensor_names)).alias("sensor"), pl.col("_val").alias("value"),
+            pl.col("_val__why").alias("value__why"),
+            pl.when(pl.col("_sn").is_null()).then(tag).otherwise(None).alias("_tag"),
         ]
-    reason = reason.otherwise(None).alias("_reason")
-    staged = lf.select(*cols, reason).with_columns(
-        pl.when(pl.col("_reason").is_null()).then(pl.col("equipment")).otherwise(pl.lit(REJECTED)).alias("_part")
+    stages = merge_stages([pre], ts_stages, *parts)
+    for step in stages:
+        lf = lf.with_columns(step)
+    lf = lf.with_columns(reason.otherwise(None).alias("_reason"))
+    staged = lf.select(
+        pl.lit(index, pl.Int32).alias("_file"), pl.col("_line"), pl.col("ts_e"), pl.col("ts_l"),
+        pl.col("_amb"), pl.col("_eq").alias("equipment"), *final, pl.col("_reason"),
+        pl.when(pl.col("_reason").is_null()).then(pl.col("_eq")).otherwise(pl.lit(REJECTED)).alias("_part"),
     )
     return staged, present
 
@@ -314,8 +316,15 @@ def stage_file(path: Path, index: int, src: SourceConfig, etype: EquipmentType, 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PartitionBy is marked unstable
-            staged.sink_parquet(pl.PartitionBy(out_dir, key="_part", include_key=False), mkdir=True)
+            # staging is temporary: fast lz4, no statistics
+            staged.sink_parquet(pl.PartitionBy(out_dir, key="_part", include_key=False), mkdir=True,
+                                compression="lz4", statistics=False)
     except pl.exceptions.PolarsError as exc:
+        if src.format == "csv":
+            line = _first_unbalanced_quote(path)
+            if line is not None:
+                raise ValueError(f"{path}, line {line}: unbalanced quote character; expected every quoted field "
+                                 f"to close on its line") from None
         raise ValueError(f"{path}: could not be read as {src.format} ({_first_line(exc)})") from None
     _summarise(info, src, etype, present, bad, n_lines, skip_rows)
     return info
@@ -342,6 +351,12 @@ def _summarise(info: StagedFile, src: SourceConfig, etype: EquipmentType, presen
     if n_lines is not None and total != n_lines:
         raise ValueError(f"{where}: {n_lines} lines but {total} CSV records: a quoted field spans several "
                          f"lines or quotes are unbalanced (expected one record per line)")
+    ragged = bad.filter(pl.col("kind") == "ragged_line") if bad is not None else None
+    if ragged is not None and info.rows and ragged.height == info.rows:
+        r = ragged.row(0, named=True)
+        raise ValueError(f"{where}, line {r['line']}: every data line has the wrong number of fields (line "
+                         f"{r['line']} has {r['fields']}, the header has {len(read_csv_header(info.path, src))}; "
+                         f"trailing delimiters or a wrong delimiter?)")
     usable_ts = info.rows - sum(counts.get(k, 0) for k in ("ragged_line", "invalid_utf8", "missing_timestamp"))
     if usable_ts > 0 and counts.get("bad_timestamp", 0) == usable_ts:
         line = first["bad_timestamp"]
@@ -387,6 +402,15 @@ def _summarise(info: StagedFile, src: SourceConfig, etype: EquipmentType, presen
     if REJECTED in parts and src.layout == "long":
         tags = pl.scan_parquet(str(parts[REJECTED] / "*.parquet")).select(pl.col("_tag").drop_nulls().unique())
         info.unknown_tags = sorted(tags.collect()["_tag"].to_list())[:50]
+
+
+def _first_unbalanced_quote(path: Path) -> int | None:
+    """The first line with an odd number of double quotes (for a clear parse error), or None."""
+    odd = (
+        _raw_lines(path, 0).filter((pl.col("line").str.count_matches('"', literal=True) % 2) == 1)
+        .select((pl.col("_i").cast(pl.Int64) + 1).alias("line")).head(1).collect()
+    )
+    return int(odd.item()) if odd.height else None
 
 
 def _example_ts(src: SourceConfig) -> str:

@@ -36,6 +36,7 @@ class FileReport:
 @dataclass
 class SourceReport:
     source: str
+    pattern: str = ""  # the source's file glob
     files_seen: int = 0
     files_read: int = 0
     rows_in: int = 0
@@ -137,6 +138,8 @@ def format_table(report: IngestReport) -> str:
                 details.append(f"  {title}: " + ", ".join(f"{k} {v:,}" for k, v in sorted(counts.items())))
         if s.unknown_sensors or s.unknown_columns:
             details.append("  unknown (ignored): " + ", ".join(s.unknown_sensors + s.unknown_columns))
+        if not s.files_seen:
+            details.append(f"  no files match {s.pattern}")
         if s.quarantine_file:
             details.append(f"  quarantine: {s.quarantine_file}")
         if details:

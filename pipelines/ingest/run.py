@@ -43,7 +43,7 @@ def ingest_source(cfg: PlantConfig, src: SourceConfig, watermark: SourceWatermar
     etype = cfg.equipment_types[src.equipment_type]
     wm = watermark or SourceWatermark(src.name)
     plans = plans if plans is not None else plan_source(src, wm, full=full)
-    report = SourceReport(source=src.name, files_seen=len(plans))
+    report = SourceReport(source=src.name, pattern=src.path, files_seen=len(plans))
     files = dict(wm.files)
     max_ts = dict(wm.max_ts)
     to_read = [p for p in plans if p.to_read]
@@ -57,6 +57,7 @@ def ingest_source(cfg: PlantConfig, src: SourceConfig, watermark: SourceWatermar
 
     staging = cfg.store / ".staging" / f"{run_id}-{src.name}"
     shutil.rmtree(staging, ignore_errors=True)
+    (staging / "out").mkdir(parents=True)
     try:
         staged = []
         for i, plan in enumerate(to_read):
@@ -84,8 +85,7 @@ def ingest_source(cfg: PlantConfig, src: SourceConfig, watermark: SourceWatermar
             del df
             for day, part in outcome.days.items():
                 final = partition_file(cfg.store, etype.name, eq, day)
-                tmp = staging / "out" / final.relative_to(cfg.store)
-                tmp.parent.mkdir(parents=True, exist_ok=True)
+                tmp = staging / "out" / f"{len(outputs)}.parquet"  # flat: folders are costly to create/remove
                 part.write_parquet(tmp, compression="zstd", statistics=True)
                 outputs.append((tmp, final))
                 report.grid_rows_written += part.height

@@ -1,0 +1,1 @@
+"""Alembic migration environment of the application database (see app/db/migrate.py)."""
