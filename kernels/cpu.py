@@ -77,15 +77,22 @@ def _block_states(dlb: torch.Tensor, ub: torch.Tensor, Bb: torch.Tensor, At: tor
     torch.mul(dlb.unsqueeze(3), At, out=dA).exp_()
     H, P = HP[0], HP[1]
     torch.mul((dlb * ub).unsqueeze(3), Bb.unsqueeze(4), out=H)
-    P[0] = dA[0]
-    P[1:].zero_()
-    for t in range(1, T):  # h_t = a_t h_{t-1} + x_t and P_t = a_t P_{t-1}: one op, all chunks from a zero start
-        HP[:, t].addcmul_(dA[t], HP[:, t - 1])
+    H[0, 0].addcmul_(dA[0, 0], h_start)  # the first chunk starts from the true state: it needs no correction
     hs = H.new_empty(g + 1, b, n, d)
     hs[0] = h_start
-    for k in range(g):  # carry the true start state across the chunks of the block
+    if g == 1:
+        for t in range(1, T):
+            H[t].addcmul_(dA[t], H[t - 1])
+        hs[1] = H[T - 1, 0]
+        return hs
+    P[0] = dA[0]
+    P[1:].zero_()
+    for t in range(1, T):  # h_t = a_t h_{t-1} + x_t and P_t = a_t P_{t-1}: one op, all chunks at once
+        HP[:, t].addcmul_(dA[t], HP[:, t - 1])
+    hs[1] = H[T - 1, 0]
+    for k in range(1, g):  # carry the true start state across the chunks of the block
         torch.addcmul(H[T - 1, k], P[T - 1, k], hs[k], out=hs[k + 1])
-    H.addcmul_(P, hs[:g])
+    H[:, 1:].addcmul_(P[:, 1:], hs[1:g])
     return hs
 
 
@@ -151,22 +158,27 @@ class _ChunkedScan(torch.autograd.Function):
             H, Gb = HP[0], GR[0]
             # adjoints g_t = C_t dy_t + a_{t+1} g_{t+1} from a zero end per chunk, and R_t = a_{t+1} ... a_T
             torch.mul(gyb.unsqueeze(3), Cb.unsqueeze(4), out=Gb)
-            R = GR[1]
-            R[: T - 1].zero_()
-            R[T - 1].fill_(1.0)
-            for t in range(T - 2, -1, -1):
-                GR[:, t].addcmul_(dA[t + 1], GR[:, t + 1])
-            lams = Gb.new_empty(g, b, n, d)  # adjoint arriving at the end of each chunk
-            lams[g - 1] = lam
-            for k in range(g - 1, 0, -1):
-                torch.mul(dA[0, k], torch.addcmul(Gb[0, k], R[0, k], lams[k]), out=lams[k - 1])
-            Gb.addcmul_(R, lams)
+            Gb[T - 1, g - 1].add_(lam)  # the last chunk ends at the true adjoint: it needs no correction
+            if g == 1:
+                for t in range(T - 2, -1, -1):
+                    Gb[t].addcmul_(dA[t + 1], Gb[t + 1])
+            else:
+                R = GR[1]
+                R[: T - 1].zero_()
+                R[T - 1].fill_(1.0)
+                for t in range(T - 2, -1, -1):
+                    GR[:, t].addcmul_(dA[t + 1], GR[:, t + 1])
+                lams = Gb.new_empty(g, b, n, d)  # adjoint arriving at the end of each chunk
+                torch.mul(dA[0, g - 1], Gb[0, g - 1], out=lams[g - 2])
+                for k in range(g - 2, 0, -1):
+                    torch.mul(dA[0, k], torch.addcmul(Gb[0, k], R[0, k], lams[k]), out=lams[k - 1])
+                Gb[:, : g - 1].addcmul_(R[:, : g - 1], lams[: g - 1])
             lam = dA[0, 0] * Gb[0, 0]
             # Q_t = g_t a_t h_{t-1}: the gradient with respect to (delta_t A)
             Q = torch.mul(Gb, dA, out=HP[1])
             Q[1:].mul_(H[:-1])
             Q[0].mul_(hs[:g])
-            ddlb = torch.mul(Q, At, out=R).sum(3)
+            ddlb = torch.mul(Q, At, out=GR[1]).sum(3)
             dAt += Q.mul_(dlb.unsqueeze(3)).sum((0, 1, 2))
             # x_t = delta_t u_t B_t
             sGB = torch.bmm(Bb.view(-1, 1, n), Gb.view(-1, n, d)).view(T, g, b, d)

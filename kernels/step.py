@@ -1,4 +1,5 @@
-"""One recurrent step of the selective scan, for streaming (torch ops; works on any device)."""
+"""One recurrent step of the selective scan, for streaming: torch ops on any device (the exact path); CUDA tensors
+go to the Triton step kernel (kernels.triton_step) when it takes them."""
 
 from __future__ import annotations
 
@@ -29,6 +30,14 @@ def selective_state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tenso
     check_tensor("D", D, (d,), optional=True)
     check_tensor("z", z, (b, d), optional=True)
     check_tensor("dt_bias", dt_bias, (d,), optional=True)
+    if state.is_cuda:
+        try:
+            from kernels.triton_step import selective_state_update_triton, step_supported
+        except Exception:  # triton missing: the torch path below is exact
+            step_supported = None
+        if step_supported is not None and step_supported(state, x):
+            return selective_state_update_triton(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias,
+                                                 dt_softplus=dt_softplus)
     cd = state.dtype if state.dtype in (torch.float32, torch.float64) else torch.float32
     delta = dt.to(cd)
     if dt_bias is not None:

@@ -22,8 +22,9 @@ Design (why it is shaped like this):
   tile, and runs the reverse recurrence for g = dL/dh (carried as p = a * g between steps). Segments run in
   parallel here too: a reverse pass 1 computes each segment's carry from a zero incoming carry and the same
   chaining kernel combines them.
-- dB / dC (sums over channels) are reduced inside a program and written per channel block; the few partials
-  are summed by torch. dA, dD, d(delta_bias) are accumulated in registers and written per (batch, segment).
+- dB / dC (sums over channels) are reduced inside a program, then added across channel blocks with fp32
+  atomics (summation order, hence the last bits, can vary run to run). dA, dD, d(delta_bias) are accumulated
+  in registers and written per (batch, segment).
 """
 
 from __future__ import annotations
@@ -211,7 +212,7 @@ def _tile_steps(h, A2, dls, dus, Bs, N: tl.constexpr, NP: tl.constexpr, T: tl.co
 
 
 # ------------------------------------------------------------------------------------------- forward kernel
-@triton.jit
+@triton.jit(do_not_specialize=["n_seg", "n_ck"])
 def _fwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, Dv_ptr, z_ptr, bias_ptr,
     h0_ptr, y_ptr, hout_ptr, dsum_ptr, ck_ptr,
@@ -302,7 +303,7 @@ def _fwd_kernel(
         tl.store(dsum_ptr + (b64 * n_seg + pid_s) * d_inner + offs_d, dsum, mask=d_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_seg"])
 def _chain_kernel(
     loc_ptr, dsum_ptr, A_ptr, init_ptr, start_ptr, fin_ptr,
     total, d_inner, n_seg,
@@ -335,11 +336,11 @@ def _chain_kernel(
 
 
 # ------------------------------------------------------------------------------------------ backward kernel
-@triton.jit
+@triton.jit(do_not_specialize=["n_seg", "n_ck"])
 def _bwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, Dv_ptr, z_ptr, bias_ptr, dout_ptr,
     ck_ptr, pend_ptr, scr_ptr,
-    du_ptr, ddt_ptr, dz_ptr, dBp_ptr, dCp_ptr, dAp_ptr, dDp_ptr, dbp_ptr, dh0_ptr, ploc_ptr, dsum_ptr,
+    du_ptr, ddt_ptr, dz_ptr, dB_ptr, dC_ptr, dAp_ptr, dDp_ptr, dbp_ptr, dh0_ptr, ploc_ptr, dsum_ptr,
     L, d_inner, seg_len, n_seg, n_ck,
     s_ub, s_ud, s_tb, s_td, s_Bb, s_Bt, s_Cb, s_Ct, s_zb, s_zd, s_ob, s_od,
     N: tl.constexpr, NP: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr, CK: tl.constexpr,
@@ -351,7 +352,8 @@ def _bwd_kernel(
     Recurrence: h_t = a_t h_{t-1} + b_t; g_t = dL/dh_t = C_t dy_t + p_{t+1}; p_t = a_t g_t (carried backwards).
     LOCAL: reverse pass from a zero carry: writes ploc (the carry leaving the segment's start when no gradient
     enters at its end) and sum(delta). Otherwise the full backward from the incoming carry pend
-    (batch, n_seg, N, d_inner): du / ddelta / dz (batch, d_inner, L); dB, dC partials (n_dblocks, batch, L, NP);
+    (batch, n_seg, N, d_inner): du / ddelta / dz (batch, d_inner, L); dB, dC (batch, L, NP) fp32, accumulated
+    over channel blocks with atomic adds (so their last bits depend on the order blocks finish);
     dA partials (batch, n_seg, N, d_inner); dD / d(delta_bias) partials (batch, n_seg, d_inner); dh0
     (batch, N, d_inner), written by segment 0.
     """
@@ -413,8 +415,7 @@ def _bwd_kernel(
             Cs = _load_tn(C_b, t0, L, s_Ct, N, NP, T)
             dls = _split_t(dl, T)
             dys = _split_t(dy, T)
-            for j in tl.static_range(T):
-                i = T - 1 - j
+            for i in tl.static_range(T - 1, -1, -1):
                 pn = ()
                 for n in tl.static_range(N):
                     a = _exp2_sel(dls[i] * A2[n], n, N_POLY)
@@ -425,8 +426,8 @@ def _bwd_kernel(
     else:
         pid_lin = (pid_s * tl.num_programs(1) + pid_b) * n_db + pid_d
         scr_base = scr_ptr + pid_lin.to(tl.int64) * (KT * N * BLOCK_D) + tl.arange(0, BLOCK_D)
-        dBp_b = dBp_ptr + (pid_d * tl.num_programs(1) + b64) * L * NP
-        dCp_b = dCp_ptr + (pid_d * tl.num_programs(1) + b64) * L * NP
+        dB_b = dB_ptr + b64 * L * NP
+        dC_b = dC_ptr + b64 * L * NP
         g_row = (b64 * d_inner + d64[:, None]) * L                 # gradient outputs are contiguous
         idx_k = tl.arange(0, K)
         dA_acc = _zeros_state(BLOCK_D, N)
@@ -479,7 +480,7 @@ def _bwd_kernel(
                 ys = ()
                 for i in tl.static_range(T):
                     hn = ()
-                    an = ()
+                    a_row = ()
                     y = tl.zeros((BLOCK_D,), dtype=tl.float32)
                     for n in tl.static_range(N):
                         a = _exp2_sel(dls[i] * A2[n], n, N_POLY)
@@ -487,18 +488,17 @@ def _bwd_kernel(
                         if HAS_Z:
                             y += hh * Cs[i * NP + n]
                         hn = hn + (hh,)
-                        an = an + (a,)
+                        a_row = a_row + (a,)
                     h = hn
                     hs = hs + (hn,)
-                    As = As + (an,)
+                    As = As + (a_row,)
                     ys = ys + (y,)
                 # reverse through the tile
                 du_out = ()
                 ddl_out = ()
                 dB_cols = ()
                 dC_cols = ()
-                for j in tl.static_range(T):
-                    i = T - 1 - j
+                for i in tl.static_range(T - 1, -1, -1):
                     gB = tl.zeros((BLOCK_D,), dtype=tl.float32)
                     gA = tl.zeros((BLOCK_D,), dtype=tl.float32)
                     pn = ()
@@ -528,8 +528,8 @@ def _bwd_kernel(
                 dBv = tl.sum(_join_t(dB_cols, K), axis=0)
                 dCv = tl.sum(_join_t(dC_cols, K), axis=0)
                 k_ok = (t0 + idx_k // NP) < L
-                tl.store(dBp_b + t0 * NP + idx_k, dBv, mask=k_ok)
-                tl.store(dCp_b + t0 * NP + idx_k, dCv, mask=k_ok)
+                tl.atomic_add(dB_b + t0 * NP + idx_k, dBv, mask=k_ok, sem="relaxed")
+                tl.atomic_add(dC_b + t0 * NP + idx_k, dCv, mask=k_ok, sem="relaxed")
                 du = _join_t(du_out, T)
                 ddl = _join_t(ddl_out, T)
                 if HAS_D:
@@ -574,7 +574,9 @@ def _pick_config(b: int, d: int, L: int, dtype: torch.dtype, device: torch.devic
     block_d, num_warps = (32, 1)
     T = 2 if backward else 4
     warps = b * triton.cdiv(d, block_d) * num_warps
-    want = (6 if backward else 8) * _num_sms(device)
+    # enough warps for every scheduler of every SM (4 per SM) before paying for a segment pre-pass; the backward's
+    # pre-pass is cheap relative to its main pass, so it splits more eagerly
+    want = (8 if backward else 4) * _num_sms(device)
     n_seg = max(1, min(triton.cdiv(want, warps), triton.cdiv(L, 4 * CK_DEFAULT)))
     cfg = {"BLOCK_D": block_d, "T": T, "num_warps": num_warps, "n_seg": n_seg, "N_POLY": 3}
     cfg.update(_CONFIG_OVERRIDE.get("bwd" if backward else "fwd", {}))
@@ -661,8 +663,8 @@ def _backward(dout, dfinal, u, delta, A, B, C, D, z, delta_bias, softplus: bool,
     du = torch.empty((b, d, L), device=dev, dtype=u.dtype)
     ddelta = torch.empty((b, d, L), device=dev, dtype=delta.dtype)
     dz = torch.empty((b, d, L), device=dev, dtype=z.dtype) if z is not None else None
-    dBp = torch.empty((n_db, b, L, NP), **f32)
-    dCp = torch.empty((n_db, b, L, NP), **f32)
+    dBt = torch.zeros((b, L, NP), **f32)
+    dCt = torch.zeros((b, L, NP), **f32)
     dAp = torch.empty((b, n_seg, n, d), **f32)
     dDp = torch.empty((b, n_seg, d), **f32) if D is not None else None
     dbp = torch.empty((b, n_seg, d), **f32) if delta_bias is not None else None
@@ -693,11 +695,11 @@ def _backward(dout, dfinal, u, delta, A, B, C, D, z, delta_bias, softplus: bool,
         pend, has_pend = (pf if pf is not None else dummy), pf is not None
     scr = torch.empty((n_db * b * n_seg, ck_len // T, n, BD), **f32)
     _bwd_kernel[grid](u, delta, A, B, C, *opt, dout, ck, pend, scr,
-                      du, ddelta, dz if dz is not None else dummy, dBp, dCp, dAp,
+                      du, ddelta, dz if dz is not None else dummy, dBt, dCt, dAp,
                       dDp if dDp is not None else dummy, dbp if dbp is not None else dummy, dh0, dummy, dummy,
                       L, d, seg, n_seg, n_ck, *strides, HAS_PEND=has_pend, LOCAL=False, **common)
-    dB = dBp.sum(0)[:, :, :n].transpose(1, 2)
-    dC = dCp.sum(0)[:, :, :n].transpose(1, 2)
+    dB = dBt[:, :, :n].transpose(1, 2)
+    dC = dCt[:, :, :n].transpose(1, 2)
     dA = dAp.sum((0, 1)).t()
     dD = dDp.sum((0, 1)) if dDp is not None else None
     dbias = dbp.sum((0, 1)) if dbp is not None else None

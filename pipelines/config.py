@@ -352,9 +352,8 @@ def _parse_sources(data: Any, base: Path, types: dict[str, EquipmentType]) -> tu
             ambiguous=t.choice("ambiguous", ("infer", "earliest", "latest", "quarantine"), "infer"),
             stuck_steps=stuck,
         )
-        if layout == "wide" and (src.quality_column is not None or "tag_column" in t.data or "value_column" in t.data):
-            raise ValueError(f"{key}: tag_column/value_column/quality_column apply to layout = 'long' only "
-                             f"(use quality_suffix for wide quality columns)")
+        # tag_column / value_column / quality_column are read only for long layouts (the documented example
+        # lists them under a wide source too, so they are accepted and ignored there).
         if layout == "long" and src.quality_suffix is not None:
             raise ValueError(f"{key}.quality_suffix: applies to layout = 'wide' only")
         if fmt == "parquet" and (src.delimiter != "," or src.decimal_comma):

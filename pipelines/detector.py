@@ -15,17 +15,24 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from rmamba import ForecasterState, LayerState, RoMConfig, RoMForecaster
 
+if TYPE_CHECKING:  # polars is imported where frames are used: rmamba-only machines can still score arrays
+    import polars as pl
+
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "weights.pt"
 META_FILE = "detector.json"
+MISSING_SUFFIX = "__missing"  # store flag column: True = no observation (the value may be forward-filled)
+ATTRIBUTION_PREFIX = "attr__"  # score_frame output: per-sensor NLL term
 
 
 @dataclass
@@ -78,6 +85,22 @@ def _masked(values: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
             raise ValueError(f"mask: expected the shape of values {x.shape}, got {m.shape}")
         x[~m] = np.nan
     return x
+
+
+def frame_arrays(frame: pl.DataFrame, sensors: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Sensor columns of a frame -> values (T, n) float64 with NaN where unobserved, mask (T, n) bool observed.
+
+    Null / NaN is unobserved, and so is a reading whose ``<sensor>__missing`` flag (store layout) is True or null,
+    even when the store forward-filled its value."""
+    import polars as pl
+
+    values = frame.select([pl.col(s).cast(pl.Float64) for s in sensors]).to_numpy().astype(np.float64, copy=True)
+    mask = np.isfinite(values)
+    for j, s in enumerate(sensors):
+        if s + MISSING_SUFFIX in frame.columns:
+            mask[:, j] &= ~frame[s + MISSING_SUFFIX].cast(pl.Boolean).fill_null(True).to_numpy()
+    values[~mask] = np.nan
+    return values, mask
 
 
 @dataclass
@@ -164,6 +187,48 @@ class RoMDetector:
                 experts.append(np.stack([r.top_experts[0].cpu().numpy().astype(np.int16) for r in out.routing]))
         top = np.concatenate(experts, axis=1) if experts else None
         return ScoreResult(score, attr, scored, top, state)
+
+    def score_frame(self, frame: pl.DataFrame, equipment_type: str | None = None, *, chunk_len: int = 4096
+                    ) -> pl.DataFrame:
+        """Score readings given as a polars frame; one equipment, or several told apart by an ``equipment`` column
+        (each scored from a fresh state).
+
+        Input columns: the type's sensors (physical units; null/NaN = missing), optionally ``<sensor>__missing``,
+        ``timestamp`` (rows are scored in its order), ``equipment`` and ``equipment_type`` (read when the
+        argument is None). Output, one row per input row: ``timestamp`` / ``equipment`` when given,
+        ``equipment_type``, ``score`` (NaN where nothing was scored), ``flag`` (score above the type's threshold;
+        null when none was fitted) and ``attr__<sensor>`` (that sensor's NLL term; 0 where not observed).
+        """
+        import polars as pl
+
+        if not isinstance(frame, pl.DataFrame):
+            raise TypeError(f"frame: expected a polars DataFrame, got {type(frame).__name__}")
+        etype = equipment_type
+        if not etype:
+            if "equipment_type" not in frame.columns:
+                raise ValueError("equipment_type: not given, and the frame has no 'equipment_type' column")
+            found = frame["equipment_type"].drop_nulls().unique(maintain_order=True).to_list()
+            if len(found) != 1:
+                raise ValueError(f"equipment_type column: expected exactly one type per frame, got {found}")
+            etype = str(found[0])
+        self.check_sensors(etype, frame.columns)
+        if "equipment" in frame.columns and frame["equipment"].n_unique() > 1:
+            parts = frame.partition_by("equipment", maintain_order=True)
+            return pl.concat([self.score_frame(p, etype, chunk_len=chunk_len) for p in parts])
+        if "timestamp" in frame.columns:
+            frame = frame.sort("timestamp", maintain_order=True)
+        names = self.sensors[etype]
+        values, mask = frame_arrays(frame, names)
+        r = self.score(values, etype, mask, chunk_len=chunk_len)
+        flag = (pl.Series("flag", self.flags(r.score, etype)) if etype in self.threshold_
+                else pl.Series("flag", [None] * frame.height, dtype=pl.Boolean))
+        keep = [c for c in ("timestamp", "equipment") if c in frame.columns]
+        return frame.select(keep).with_columns(
+            pl.lit(etype, pl.String).alias("equipment_type"),
+            pl.Series("score", r.score, dtype=pl.Float64),
+            flag,
+            *[pl.Series(ATTRIBUTION_PREFIX + n, r.attribution[:, j], dtype=pl.Float64) for j, n in enumerate(names)],
+        )
 
     def flags(self, score: np.ndarray, equipment_type: str) -> np.ndarray:
         """Boolean flags: score above the type's label-free threshold (NaN scores are never flagged)."""

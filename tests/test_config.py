@@ -51,7 +51,12 @@ def _dump(raw: dict) -> str:
             for item in v if is_array else [v]:
                 table(f"{prefix}.{k}", item, is_array)
 
+    for key, value in raw.items():  # top-level scalars must come before the first table
+        if not isinstance(value, dict) and not (isinstance(value, list) and value and isinstance(value[0], dict)):
+            lines.append(f"{key} = {scalar(value)}")
     for key, value in raw.items():
+        if not isinstance(value, dict) and not (isinstance(value, list) and value and isinstance(value[0], dict)):
+            continue
         if isinstance(value, list):
             for item in value:
                 table(key, item, array=True)
@@ -147,10 +152,10 @@ def _mutate(path: str, value):
     ("sources.0.equipment_id", "P-1", "sources[0]: expected one of equipment_id_column or equipment_id, got both"),
     ("sources.0.delimiter", ";;", "sources[0].delimiter: expected a single character"),
     ("sources.0.timestamp_fromat", "%Y", "sources[0].timestamp_fromat: unknown key"),
-    ("sources.0.quality_column", "q", "sources[0]: tag_column/value_column/quality_column apply to layout = 'long'"),
     ("sources.1.quality_suffix", "_q", "sources[1].quality_suffix: applies to layout = 'wide' only"),
     ("sources.1.name", "pumps-wide", "sources[1].name: duplicate source name 'pumps-wide'"),
-    ("sources", [], "sources: expected an array of [[sources]] tables"),
+    ("sources", [], "sources: expected an array of [[sources]] tables, got an array"),
+    ("sources", "raw/*.csv", "sources: expected an array of [[sources]] tables, got 'raw/*.csv'"),
     ("sources", ..., "sources: missing"),
     ("plant.name", ..., "plant.name: missing"),
     ("plant.name", 7, "plant.name: expected a string (the plant's name), got 7"),
@@ -160,7 +165,6 @@ def _mutate(path: str, value):
     ("equipment_types.pump.sensors.1.name", "flow", "equipment_types.pump.sensors[1].name: duplicate sensor 'flow'"),
     ("equipment_types.pump.sensors.0.name", "flow rate", "equipment_types.pump.sensors[0].name: expected letters"),
     ("equipment_types.pump.sensors.0.name", "a__b", "equipment_types.pump.sensors[0].name: expected letters"),
-    ("equipment_types.pump.sensors", [], "equipment_types.pump.sensors: expected at least one sensor"),
     ("dashboard", {"x": 1}, "dashboard: unknown top-level table (expected one of: plant, equipment_types"),
     ("model", 3, "model: expected a table, got 3"),
 ])
@@ -169,6 +173,13 @@ def test_errors_name_key_expected_and_found(tmp_path, path, value, message):
         _load(tmp_path, _mutate(path, value))
     assert message in str(err.value)
     assert str(tmp_path / "plant.toml") in str(err.value)  # the file is named too
+
+
+def test_empty_sensor_list(tmp_path):
+    head, rest = EXAMPLE_PLANT_TOML.split("[equipment_types.pump]", 1)
+    text = head + "[equipment_types.pump]\nsensors = []\n" + rest[rest.index("\n[[sources]]"):]
+    with pytest.raises(ValueError, match=r"equipment_types.pump.sensors: expected at least one sensor"):
+        _load(tmp_path, text=text)
 
 
 def test_invalid_toml_and_missing_file(tmp_path):

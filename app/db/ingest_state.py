@@ -45,6 +45,8 @@ def save_watermark(engine: Engine, wm: SourceWatermark, run_id: str | None = Non
         marks = {m.equipment: m for m in s.scalars(
             select(IngestWatermark).where(IngestWatermark.source == wm.source))}
         for eq, ts in wm.max_ts.items():
+            if ts.tzinfo is None:
+                raise ValueError(f"watermark of {wm.source}/{eq}: naive datetime {ts!r}, expected UTC-aware")
             ts = ts.astimezone(UTC)
             row = marks.get(eq)
             if row is None:

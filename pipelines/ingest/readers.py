@@ -352,13 +352,13 @@ def _summarise(info: StagedFile, src: SourceConfig, etype: EquipmentType, presen
         raise ValueError(f"{where}: {n_lines} lines but {total} CSV records: a quoted field spans several "
                          f"lines or quotes are unbalanced (expected one record per line)")
     ragged = bad.filter(pl.col("kind") == "ragged_line") if bad is not None else None
-    if ragged is not None and info.rows and ragged.height == info.rows:
+    if ragged is not None and info.rows >= 2 and ragged.height == info.rows and ragged["fields"].n_unique() == 1:
         r = ragged.row(0, named=True)
-        raise ValueError(f"{where}, line {r['line']}: every data line has the wrong number of fields (line "
+        raise ValueError(f"{where}, line {r['line']}: every data line has the same wrong number of fields (line "
                          f"{r['line']} has {r['fields']}, the header has {len(read_csv_header(info.path, src))}; "
                          f"trailing delimiters or a wrong delimiter?)")
     usable_ts = info.rows - sum(counts.get(k, 0) for k in ("ragged_line", "invalid_utf8", "missing_timestamp"))
-    if usable_ts > 0 and counts.get("bad_timestamp", 0) == usable_ts:
+    if usable_ts >= 2 and counts.get("bad_timestamp", 0) == usable_ts:
         line = first["bad_timestamp"]
         raise ValueError(f"{where}, line {line}, column {src.timestamp_column!r}: no timestamp matches the "
                          f"format {src.timestamp_format!r} (expected e.g. {_example_ts(src)}, got "
@@ -380,7 +380,7 @@ def _summarise(info: StagedFile, src: SourceConfig, etype: EquipmentType, presen
             nn, ne, line = stats[f"{w}:nn"], stats[f"{w}:ne"], stats[f"{w}:first"]
             if nn:
                 info.not_numeric[s] = line
-            if nn and nn == ne:
+            if nn >= 2 and nn == ne:
                 raise ValueError(f"{where}, line {line}, column {s!r}: expected numbers, got "
                                  f"{_value_at(info.path, line, src, s)!r} (every value in the column is text: "
                                  f"wrong delimiter or decimal_comma?)")
@@ -395,7 +395,7 @@ def _summarise(info: StagedFile, src: SourceConfig, etype: EquipmentType, presen
             if row["nn"]:
                 info.not_numeric[str(row["sensor"])] = row["first"]
         nn, ne = int(stats["nn"].sum()), int(stats["ne"].sum())
-        if nn and nn == ne:
+        if nn >= 2 and nn == ne:
             line = int(stats["first"].min())
             raise ValueError(f"{where}, line {line}, column {src.value_column!r}: expected numbers, got "
                              f"{_value_at(info.path, line, src, src.value_column)!r} (every value is text)")

@@ -1,0 +1,77 @@
+"""One recurrent step of the selective scan in Triton, batched over many streams (equipment).
+
+Same math and signature as kernels.step.selective_state_update (which dispatches here for CUDA tensors):
+state (batch, d_inner, d_state) is advanced IN PLACE; x, dt, z: (batch, d_inner); A: (d_inner, d_state);
+B, C: (batch, d_state); D, dt_bias: (d_inner,). Returns y (batch, d_inner) in x's dtype. Arithmetic in fp32.
+The step is memory-bound (the state is read and written once); one program owns BLOCK_D channels of one row.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.triton_scan import LOG2E, _sigmoid, _softplus
+
+
+@triton.jit
+def _step_kernel(
+    state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr,
+    d_inner, s_sb, s_sd, s_xb, s_tb, s_Bb, s_Cb, s_zb, s_yb,
+    N: tl.constexpr, NP: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, NP)
+    d_ok = offs_d < d_inner
+    n_ok = offs_n < N
+    m = d_ok[:, None] & n_ok[None, :]
+    s_ptrs = state_ptr + pid_b * s_sb + offs_d[:, None] * s_sd + offs_n[None, :]
+    s = tl.load(s_ptrs, mask=m, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + pid_b * s_xb + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+    dt = tl.load(dt_ptr + pid_b * s_tb + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        dt += tl.load(bias_ptr + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+    if SOFTPLUS:
+        dt = _softplus(dt)
+    A2 = tl.load(A_ptr + offs_d[:, None] * N + offs_n[None, :], mask=m, other=0.0).to(tl.float32) * LOG2E
+    Bv = tl.load(B_ptr + pid_b * s_Bb + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    Cv = tl.load(C_ptr + pid_b * s_Cb + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    s = s * tl.exp2(dt[:, None] * A2) + (dt * x)[:, None] * Bv[None, :]
+    tl.store(s_ptrs, s.to(state_ptr.dtype.element_ty), mask=m)
+    y = tl.sum(s * Cv[None, :], axis=1)
+    if HAS_D:
+        y += tl.load(D_ptr + offs_d, mask=d_ok, other=0.0).to(tl.float32) * x
+    if HAS_Z:
+        z = tl.load(z_ptr + pid_b * s_zb + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+        y = y * (z * _sigmoid(z))
+    tl.store(y_ptr + pid_b * s_yb + offs_d, y.to(y_ptr.dtype.element_ty), mask=d_ok)
+
+
+def step_supported(state: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether the Triton step takes these tensors (else the caller uses the exact torch path)."""
+    return (state.dtype in (torch.float32, torch.bfloat16, torch.float16) and state.stride(2) == 1
+            and x.dtype != torch.float64)
+
+
+def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+    """Advance ``state`` by one step in place and return y (batch, d_inner). Inputs are not validated here
+    (kernels.step.selective_state_update validates, then dispatches)."""
+    b, d, n = state.shape
+    x, dt, B, C = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, dt, B, C))
+    z = z if z is None or z.stride(-1) == 1 else z.contiguous()
+    A = A.contiguous()
+    y = torch.empty((b, d), device=x.device, dtype=x.dtype)
+    block_d = 64 if d >= 64 * 132 // max(b, 1) else 32
+    dummy = y
+    _step_kernel[(triton.cdiv(d, block_d), b)](
+        state, x, dt, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
+        dt_bias if dt_bias is not None else dummy, y,
+        d, state.stride(0), state.stride(1), x.stride(0), dt.stride(0), B.stride(0), C.stride(0),
+        z.stride(0) if z is not None else 0, y.stride(0),
+        N=n, NP=triton.next_power_of_2(n), BLOCK_D=block_d, HAS_D=D is not None, HAS_Z=z is not None,
+        HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), num_warps=4 if block_d >= 64 else 2)
+    return y

@@ -1,0 +1,198 @@
+"""The Triton scan (forward, backward, segments, streaming) and step kernels against the fp64 reference.
+
+Runs on CPU through Triton's interpreter (TRITON_INTERPRET=1, set here before the kernels are imported), so the
+shapes are tiny: one or two channel blocks, d_state 4 (16 once), tens of steps. The interpreter executes the same
+kernel code as the GPU (block shapes, masks, segment chaining, chunked backward) but not the compiler's layouts:
+benchmarks/scan_gpu.py repeats the checks on the device at full size.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import pytest
+
+os.environ["TRITON_INTERPRET"] = "1"
+triton = pytest.importorskip("triton")
+torch = pytest.importorskip("torch")
+
+from kernels import selective_scan, selective_state_update  # noqa: E402
+from kernels.reference import selective_scan_reference  # noqa: E402
+
+ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+
+
+@pytest.fixture(scope="module")
+def ts():
+    """kernels.triton_scan in interpreter mode (re-imported if an earlier test loaded it compiled)."""
+    for name in ("kernels.triton_scan", "kernels.triton_step"):
+        mod = sys.modules.get(name)
+        if mod is not None:
+            importlib.reload(mod)
+    mod = importlib.import_module("kernels.triton_scan")
+    assert type(mod._fwd_kernel).__name__ == "InterpretedFunction", "kernels must run under the interpreter here"
+    saved = (dict(mod._CONFIG_OVERRIDE), mod.CK_DEFAULT)
+    yield mod
+    mod._CONFIG_OVERRIDE.clear()
+    mod._CONFIG_OVERRIDE.update(saved[0])
+    mod.CK_DEFAULT = saved[1]
+
+
+def configure(ts, n_seg=1, ck=8, bwd_seg=None):
+    """Small blocks and chunks so that tiny problems still cross every boundary the GPU sizes do."""
+    ts.CK_DEFAULT = ck
+    ts._CONFIG_OVERRIDE["fwd"] = {"n_seg": n_seg, "BLOCK_D": 32, "num_warps": 1}
+    ts._CONFIG_OVERRIDE["bwd"] = {"n_seg": bwd_seg or n_seg, "BLOCK_D": 32, "num_warps": 1}
+
+
+def make(b, d, n, L, dtype=torch.float32, seed=0):
+    """Random inputs in Mamba's ranges (delta ~ softplus(-4..-1 + bias), A = -exp(.)), never zeros."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(b, d, L, generator=g)
+    delta = torch.rand(b, d, L, generator=g) * 3.0 - 4.0
+    A = -torch.exp(torch.randn(d, n, generator=g) * 0.5) * torch.arange(1, n + 1)[None] * 0.5
+    B = torch.randn(b, n, L, generator=g)
+    C = torch.randn(b, n, L, generator=g)
+    D = torch.randn(d, generator=g)
+    z = torch.randn(b, d, L, generator=g)
+    bias = torch.randn(d, generator=g) * 0.5 + 1.0
+    h0 = torch.randn(b, d, n, generator=g)
+    acts = {"u": u.to(dtype), "delta": delta.to(dtype), "z": z.to(dtype), "B": B.to(dtype), "C": C.to(dtype)}
+    return {"A": A, "D": D, "delta_bias": bias, "initial_state": h0, **acts}
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all(), "non-finite values (unwritten output?)"
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def run_both(inp, softplus=True, final=True, use=ARGS, grads=False, seed=1):
+    """Triton (on inp's dtype) and the reference (fp64) on the same inputs; optionally with gradients of a random
+    linear function of y (and of the final state)."""
+    kw = {k: inp[k] for k in use}
+    kw64 = {k: v.double() for k, v in kw.items()}
+    if grads:
+        kw = {k: v.clone().requires_grad_() for k, v in kw.items()}
+        kw64 = {k: v.clone().requires_grad_() for k, v in kw64.items()}
+    out = selective_scan(**kw, delta_softplus=softplus, return_final_state=final, backend="triton")
+    ref = selective_scan_reference(**kw64, delta_softplus=softplus, return_final_state=final)
+    if not grads:
+        return out, ref, None, None
+    g = torch.Generator().manual_seed(seed)
+    outs, refs = (out, ref) if final else ((out,), (ref,))
+    weights = [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in outs]
+    sum(((o.double() * w).sum() for o, w in zip(outs, weights))).backward()
+    sum(((r * w).sum() for r, w in zip(refs, weights))).backward()
+    return out, ref, {k: v.grad for k, v in kw.items()}, {k: v.grad for k, v in kw64.items()}
+
+
+@pytest.mark.parametrize("n_seg", [1, 3])
+def test_forward_all_options(ts, n_seg):
+    configure(ts, n_seg=n_seg)
+    inp = make(2, 32, 4, 45)                   # 45: not a multiple of the tile (4) or the chunk (8)
+    (y, hT), (yr, hr), _, _ = run_both(inp)
+    assert y.shape == yr.shape and y.dtype == torch.float32
+    assert rel(y, yr) < 1e-5 and rel(hT, hr) < 1e-5
+
+
+@pytest.mark.parametrize("use,softplus", [
+    (("u", "delta", "A", "B", "C"), False),
+    (("u", "delta", "A", "B", "C", "D"), False),
+    (("u", "delta", "A", "B", "C", "z"), True),
+    (("u", "delta", "A", "B", "C", "delta_bias"), True),
+])
+def test_forward_option_subsets(ts, use, softplus):
+    configure(ts)
+    inp = make(1, 32, 4, 19, seed=3)
+    if not softplus:
+        inp["delta"] = torch.rand_like(inp["delta"]) * 0.2 + 0.01   # positive step sizes without softplus
+    y, yr, _, _ = run_both(inp, softplus=softplus, final=False, use=use)
+    assert rel(y, yr) < 1e-5
+
+
+def test_forward_odd_sizes_and_d_state_16(ts):
+    configure(ts, n_seg=2)
+    inp = make(1, 40, 3, 23, seed=4)           # two channel blocks (one partial), d_state not a power of two
+    (y, hT), (yr, hr), _, _ = run_both(inp)
+    assert rel(y, yr) < 1e-5 and rel(hT, hr) < 1e-5
+    inp = make(1, 32, 16, 9, seed=5)
+    (y, hT), (yr, hr), _, _ = run_both(inp)
+    assert rel(y, yr) < 1e-5 and rel(hT, hr) < 1e-5
+
+
+def test_forward_bf16_inputs(ts):
+    configure(ts, n_seg=2)
+    inp = make(1, 32, 4, 30, dtype=torch.bfloat16, seed=6)
+    (y, hT), (yr, hr), _, _ = run_both(inp)
+    assert y.dtype == torch.bfloat16 and hT.dtype == torch.float32
+    assert rel(y, yr) < 1e-2 and rel(hT, hr) < 1e-2
+
+
+def test_chunked_streaming_is_exact(ts):
+    """Scanning [0, L1) then [L1, L) from the carried state equals one scan of [0, L)."""
+    configure(ts)
+    inp = make(1, 32, 4, 27, seed=7)
+    kw = {k: inp[k] for k in ARGS if k != "initial_state"}
+    y, hT = selective_scan(**kw, delta_softplus=True, return_final_state=True, backend="triton")
+    cut = 13
+    first = {k: (v[..., :cut] if v.dim() == 3 else v) for k, v in kw.items()}
+    second = {k: (v[..., cut:] if v.dim() == 3 else v) for k, v in kw.items()}
+    y1, h1 = selective_scan(**first, delta_softplus=True, return_final_state=True, backend="triton")
+    y2, h2 = selective_scan(**second, initial_state=h1, delta_softplus=True, return_final_state=True,
+                            backend="triton")
+    assert rel(torch.cat([y1, y2], -1), y) < 1e-6 and rel(h2, hT) < 1e-6
+
+
+@pytest.mark.parametrize("n_seg,ck", [(1, 8), (2, 4)])
+def test_backward_all_options(ts, n_seg, ck):
+    configure(ts, n_seg=n_seg, ck=ck)
+    inp = make(1, 32, 4, 21, seed=8)
+    _, _, g, gr = run_both(inp, grads=True)
+    for k in ARGS:
+        assert rel(g[k], gr[k]) < 1e-5, k
+
+
+def test_backward_minimal_options(ts):
+    configure(ts)
+    inp = make(1, 32, 4, 14, seed=9)
+    inp["delta"] = torch.rand_like(inp["delta"]) * 0.2 + 0.01
+    use = ("u", "delta", "A", "B", "C")
+    _, _, g, gr = run_both(inp, softplus=False, final=False, use=use, grads=True)
+    for k in use:
+        assert rel(g[k], gr[k]) < 1e-5, k
+
+
+def test_backward_bf16_inputs(ts):
+    configure(ts)
+    inp = make(1, 32, 4, 13, dtype=torch.bfloat16, seed=10)
+    _, _, g, gr = run_both(inp, grads=True)
+    assert g["u"].dtype == torch.bfloat16 and g["A"].dtype == torch.float32
+    for k in ARGS:
+        assert rel(g[k], gr[k]) < 1e-2, k
+
+
+def test_step_kernel_matches_torch_step(ts):
+    """The Triton one-step kernel against the torch step (the exact path), state in place."""
+    ts_step = importlib.import_module("kernels.triton_step")
+    b, d, n = 3, 40, 16
+    g = torch.Generator().manual_seed(11)
+    state = torch.randn(b, d, n, generator=g)
+    x, dt, z = (torch.randn(b, d, generator=g) for _ in range(3))
+    A = -torch.exp(torch.randn(d, n, generator=g))
+    B, C = torch.randn(b, n, generator=g), torch.randn(b, n, generator=g)
+    D, bias = torch.randn(d, generator=g), torch.randn(d, generator=g)
+    s_ref = state.clone()
+    y_ref = selective_state_update(s_ref, x, dt, A, B, C, D=D, z=z, dt_bias=bias, dt_softplus=True)
+    s_tri = state.clone()
+    y = ts_step.selective_state_update_triton(s_tri, x, dt, A, B, C, D=D, z=z, dt_bias=bias, dt_softplus=True)
+    assert rel(y, y_ref) < 1e-5 and rel(s_tri, s_ref) < 1e-5
+
+
+def test_triton_backend_rejects_cpu_without_interpreter(ts, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    inp = make(1, 32, 4, 5)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        ts.selective_scan_triton(inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"])
