@@ -470,9 +470,8 @@ def precompile_specs(tune: bool) -> list[dict]:
             for L in (1024, 517):
                 specs.append({"dtype": dtype, "opts": opts, "L": L, "fwd": {}, "bwd": {}, "grad": True})
     if tune:
-        for c in ({"N_POLY": 0}, {"N_POLY": 2}, {"BLOCK_D": 64, "num_warps": 2}):
-            specs.append({"dtype": "bfloat16", "opts": "all", "L": 1024, "fwd": c, "bwd": c, "grad": "N_POLY" in c
-                          or "BLOCK_D" in c})
+        for c in ({"N_POLY": 0}, {"N_POLY": 1}):
+            specs.append({"dtype": "bfloat16", "opts": "all", "L": 1024, "fwd": c, "bwd": c, "grad": True})
     return specs
 
 
@@ -604,8 +603,8 @@ def tune(out: dict) -> None:
         kw = dict(D=inp["D"], z=inp["z"], delta_bias=inp["delta_bias"], delta_softplus=True)
         args = (inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"])
         base = ts._pick_config(b, d, L, dtype, inp["u"].device, backward=False)
-        cands = [{}, {"N_POLY": 0}, {"N_POLY": 2}, {"BLOCK_D": 64, "num_warps": 2}]
-        for ns in sorted({1, 2, 4, max(1, base["n_seg"] // 2), base["n_seg"] * 2} - {base["n_seg"]}):
+        cands = [{}, {"N_POLY": 0}, {"N_POLY": 1}]
+        for ns in sorted({max(1, base["n_seg"] // 2), base["n_seg"] * 2} - {base["n_seg"]}):
             cands.append({"n_seg": ns})
         for c in cands:
             ts._CONFIG_OVERRIDE["fwd"] = c
@@ -621,8 +620,8 @@ def tune(out: dict) -> None:
             leaves = [a.clone().requires_grad_() for a in args]
             dout = torch.randn_like(inp["u"])
             bbase = ts._pick_config(b, d, L, dtype, inp["u"].device, backward=True)
-            bcands = [{}, {"n_seg": 1}, {"n_seg": max(1, bbase["n_seg"] * 2)}, {"N_POLY": 0}, {"N_POLY": 2},
-                      {"BLOCK_D": 64, "num_warps": 2}]
+            bcands = [{}, {"n_seg": max(1, bbase["n_seg"] // 2)}, {"n_seg": max(2, bbase["n_seg"] * 2)},
+                      {"N_POLY": 0}, {"N_POLY": 1}]
             for c in bcands:
                 ts._CONFIG_OVERRIDE["bwd"] = c
 
@@ -656,7 +655,7 @@ def tune(out: dict) -> None:
     print("applied config", ts._CONFIG_OVERRIDE, flush=True)
 
 
-def reference_and_compile(out: dict) -> None:
+def reference_and_compile(out: dict, with_compile: bool = True) -> None:
     """The PyTorch reference (a Python loop) and torch.compile of it, at small shapes only."""
     from kernels import triton_scan as ts
     from kernels.reference import selective_scan_reference as ref
@@ -669,7 +668,7 @@ def reference_and_compile(out: dict) -> None:
         row = {"shape": [b, d, L], "dtype": "float32"}
         row["reference_ms"] = cuda_time(partial(ref, *args, **kw), min_reps=2, max_reps=5, warmup=1)["median_ms"]
         row["triton_ms"] = cuda_time(partial(ts.selective_scan_triton, *args, **kw))["median_ms"]
-        if L <= 128:
+        if L <= 128 and with_compile:
             t0 = time.perf_counter()
             comp = torch.compile(ref)
             comp(*args, **kw)
@@ -678,7 +677,8 @@ def reference_and_compile(out: dict) -> None:
             row["compiled_ms"] = cuda_time(partial(comp, *args, **kw), min_reps=3)["median_ms"]
         else:
             row["compiled_ms"] = None
-            row["note"] = "torch.compile unrolls the L-step Python loop: skipped above L=128"
+            row["note"] = ("torch.compile unrolls the L-step Python loop: skipped above L=128" if L > 128
+                           else "torch.compile not run (--no-compile)")
         rows.append(row)
         print("reference", row, flush=True)
     out["reference"] = rows
@@ -756,6 +756,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a few shapes only")
     ap.add_argument("--no-bwd", action="store_true")
     ap.add_argument("--no-mamba", action="store_true")
+    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference (~90 s)")
     ap.add_argument("--budget-s", type=float, default=480.0, help="stop timing new shapes after this many seconds")
     ap.add_argument("--render", type=Path, help="render a results JSON into BENCHMARKS.md and exit")
     ap.add_argument("--precompile-worker", help=argparse.SUPPRESS)
@@ -829,7 +830,7 @@ def main() -> None:
             torch.cuda.empty_cache()
         save()
     if time.perf_counter() - t_start < args.budget_s:
-        reference_and_compile(res)
+        reference_and_compile(res, with_compile=not args.no_compile)
     save()
     print(render(res))
 

@@ -146,13 +146,35 @@ def _scalars(x, K: tl.constexpr):
 
 
 @triton.jit
-def _load_tn(ptr_b, t0, L, s_t, N: tl.constexpr, NP: tl.constexpr, T: tl.constexpr):
-    """B or C at steps t0..t0+T-1 (memory (t, n) with n contiguous) -> tuple of T*NP fp32 scalars, i*NP + n."""
+def _load_tile(u_row, dt_row, z_row, o_row, B_b, C_b, t0, L, s_Bt, s_Ct, d_ok, offs_t,
+               N: tl.constexpr, NP: tl.constexpr, T: tl.constexpr, W_U: tl.constexpr, W_Z: tl.constexpr,
+               W_O: tl.constexpr, W_B: tl.constexpr, W_C: tl.constexpr):
+    """Raw (storage dtype) inputs of the tile of steps t0..t0+T-1: (u, delta, z, dout) as (D, T) and B, C as
+    (T*NP,) vectors, index i*NP + n (memory (t, n), n contiguous). Steps outside [0, L) read as 0; inputs not
+    asked for (W_* false) are placeholders. Issued one tile ahead of their use, so memory latency overlaps compute."""
+    t = t0 + offs_t
+    m2 = d_ok[:, None] & ((t >= 0) & (t < L))[None, :]
+    dt = tl.load(dt_row + t[None, :], mask=m2, other=0.0)
+    u = dt
+    z = dt
+    o = dt
+    if W_U:
+        u = tl.load(u_row + t[None, :], mask=m2, other=0.0)
+    if W_Z:
+        z = tl.load(z_row + t[None, :], mask=m2, other=0.0)
+    if W_O:
+        o = tl.load(o_row + t[None, :], mask=m2, other=0.0)
     idx = tl.arange(0, T * NP)
-    i = idx // NP
+    ti = t0 + idx // NP
     n = idx % NP
-    v = tl.load(ptr_b + (t0 + i) * s_t + n, mask=(n < N) & (t0 + i < L), other=0.0).to(tl.float32)
-    return _scalars(v, T * NP)
+    mv = (n < N) & (ti >= 0) & (ti < L)
+    Bv = tl.zeros((T * NP,), dtype=tl.float32)
+    Cv = tl.zeros((T * NP,), dtype=tl.float32)
+    if W_B:
+        Bv = tl.load(B_b + ti * s_Bt + n, mask=mv, other=0.0).to(tl.float32)
+    if W_C:
+        Cv = tl.load(C_b + ti * s_Ct + n, mask=mv, other=0.0).to(tl.float32)
+    return u, dt, z, o, Bv, Cv
 
 
 @triton.jit
@@ -187,9 +209,10 @@ def _zeros_state(BLOCK_D: tl.constexpr, N: tl.constexpr):
 
 
 @triton.jit
-def _load_delta(dt_row, t, m2, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """delta tile (D, T) in fp32: (+ bias) (-> softplus), zero on padded steps. Also returns the pre-softplus."""
-    raw = tl.load(dt_row + t[None, :], mask=m2, other=0.0).to(tl.float32)
+def _delta(dt_raw, m2, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """delta tile (D, T) in fp32 from its raw load: (+ bias) (-> softplus), zero on padded steps (decay 1, no
+    input). Also returns the pre-softplus value (for the softplus gradient)."""
+    raw = dt_raw.to(tl.float32)
     if HAS_BIAS:
         raw = raw + bias[:, None]
     if SOFTPLUS:
@@ -258,28 +281,34 @@ def _fwd_kernel(
     dt_row = dt_ptr + b64 * s_tb + d64[:, None] * s_td
     B_b = B_ptr + b64 * s_Bb
     C_b = C_ptr + b64 * s_Cb
-    if HAS_Z:
-        z_row = z_ptr + b64 * s_zb + d64[:, None] * s_zd
+    z_row = z_ptr + b64 * s_zb + d64[:, None] * s_zd
     y_row = y_ptr + b64 * s_yb + d64[:, None] * s_yd
 
     t_start = pid_s * seg_len
     t_end = tl.minimum(t_start + seg_len, L)
+    W_Z: tl.constexpr = HAS_Z and not LOCAL
+    W_C: tl.constexpr = not LOCAL
+    nxt = _load_tile(u_row, dt_row, z_row, dt_row, B_b, C_b, t_start, L, s_Bt, s_Ct, d_ok, offs_t,
+                     N, NP, T, True, W_Z, False, True, W_C)
     for t0 in range(t_start, t_end, T):
+        cur = nxt
+        nxt = _load_tile(u_row, dt_row, z_row, dt_row, B_b, C_b, t0 + T, L, s_Bt, s_Ct, d_ok, offs_t,
+                         N, NP, T, True, W_Z, False, True, W_C)
         if CK > 0:
             if t0 % CK == 0:
                 _store_state(ck_ptr, (b64 * n_ck + t0 // CK) * N, d_inner, offs_d, d_ok, h, N)
         t = t0 + offs_t
         m2 = d_ok[:, None] & (t < L)[None, :]                     # (D, T)
-        dl, raw = _load_delta(dt_row, t, m2, bias, HAS_BIAS, SOFTPLUS)
-        u = tl.load(u_row + t[None, :], mask=m2, other=0.0).to(tl.float32)
+        dl, raw = _delta(cur[1], m2, bias, HAS_BIAS, SOFTPLUS)
+        u = cur[0].to(tl.float32)
         dls = _split_t(dl, T)
         dus = _split_t(dl * u, T)
-        Bs = _load_tn(B_b, t0, L, s_Bt, N, NP, T)
+        Bs = _scalars(cur[4], T * NP)
         if LOCAL:
             dsum += tl.sum(dl, axis=1)
             h = _tile_steps(h, A2, dls, dus, Bs, N, NP, T, N_POLY)
         else:
-            Cs = _load_tn(C_b, t0, L, s_Ct, N, NP, T)
+            Cs = _scalars(cur[5], T * NP)
             ys = ()
             for i in tl.static_range(T):
                 hn = ()
@@ -295,7 +324,7 @@ def _fwd_kernel(
             if HAS_D:
                 y += Dv[:, None] * u
             if HAS_Z:
-                zt = tl.load(z_row + t[None, :], mask=m2, other=0.0).to(tl.float32)
+                zt = cur[2].to(tl.float32)
                 y = y * (zt * _sigmoid(zt))
             tl.store(y_row + t[None, :], y.to(y_ptr.dtype.element_ty), mask=m2)
     _store_state(hout_ptr, st_row, d_inner, offs_d, d_ok, h, N)
@@ -393,8 +422,7 @@ def _bwd_kernel(
     o_row = dout_ptr + b64 * s_ob + d64[:, None] * s_od
     B_b = B_ptr + b64 * s_Bb
     C_b = C_ptr + b64 * s_Cb
-    if HAS_Z:
-        z_row = z_ptr + b64 * s_zb + d64[:, None] * s_zd
+    z_row = z_ptr + b64 * s_zb + d64[:, None] * s_zd
 
     t_start = pid_s * seg_len
     t_end = tl.minimum(t_start + seg_len, L)
@@ -402,17 +430,22 @@ def _bwd_kernel(
 
     if LOCAL:
         dsum = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        nxt = _load_tile(u_row, dt_row, z_row, o_row, B_b, C_b, t_start + (n_tiles - 1) * T, L, s_Bt, s_Ct, d_ok,
+                         offs_t, N, NP, T, False, HAS_Z, True, False, True)
         for k in range(n_tiles):
             t0 = t_start + (n_tiles - 1 - k) * T
+            cur = nxt
+            nxt = _load_tile(u_row, dt_row, z_row, o_row, B_b, C_b, t0 - T, L, s_Bt, s_Ct, d_ok, offs_t,
+                             N, NP, T, False, HAS_Z, True, False, True)
             t = t0 + offs_t
             m2 = d_ok[:, None] & (t < L)[None, :]
-            dl, raw = _load_delta(dt_row, t, m2, bias, HAS_BIAS, SOFTPLUS)
+            dl, raw = _delta(cur[1], m2, bias, HAS_BIAS, SOFTPLUS)
             dsum += tl.sum(dl, axis=1)
-            dy = tl.load(o_row + t[None, :], mask=m2, other=0.0).to(tl.float32)
+            dy = cur[3].to(tl.float32)
             if HAS_Z:
-                zt = tl.load(z_row + t[None, :], mask=m2, other=0.0).to(tl.float32)
+                zt = cur[2].to(tl.float32)
                 dy = dy * (zt * _sigmoid(zt))
-            Cs = _load_tn(C_b, t0, L, s_Ct, N, NP, T)
+            Cs = _scalars(cur[5], T * NP)
             dls = _split_t(dl, T)
             dys = _split_t(dy, T)
             for i in tl.static_range(T - 1, -1, -1):
@@ -439,33 +472,48 @@ def _bwd_kernel(
             c_tiles = (tl.minimum(c_start + CK, t_end) - c_start + T - 1) // T
             h = _load_state(ck_ptr, (b64 * n_ck + c_start // CK) * N, d_inner, offs_d, d_ok, N)
             # phase A: forward through the chunk, parking the state at every tile start
+            nxt = _load_tile(u_row, dt_row, z_row, o_row, B_b, C_b, c_start, L, s_Bt, s_Ct, d_ok, offs_t,
+                             N, NP, T, True, False, False, True, False)
             for k in range(c_tiles):
                 for n in tl.static_range(N):
                     tl.store(scr_base + (k * N + n) * BLOCK_D, h[n])
                 t0 = c_start + k * T
+                cur = nxt
+                nxt = _load_tile(u_row, dt_row, z_row, o_row, B_b, C_b, t0 + T, L, s_Bt, s_Ct, d_ok, offs_t,
+                                 N, NP, T, True, False, False, True, False)
                 t = t0 + offs_t
                 m2 = d_ok[:, None] & (t < L)[None, :]
-                dl, raw = _load_delta(dt_row, t, m2, bias, HAS_BIAS, SOFTPLUS)
-                u = tl.load(u_row + t[None, :], mask=m2, other=0.0).to(tl.float32)
-                Bs = _load_tn(B_b, t0, L, s_Bt, N, NP, T)
+                dl, raw = _delta(cur[1], m2, bias, HAS_BIAS, SOFTPLUS)
+                u = cur[0].to(tl.float32)
+                Bs = _scalars(cur[4], T * NP)
                 h = _tile_steps(h, A2, _split_t(dl, T), _split_t(dl * u, T), Bs, N, NP, T, N_POLY)
             tl.debug_barrier()
-            # phase B: the chunk's tiles in reverse
+            # phase B: the chunk's tiles in reverse (inputs and parked state of the next tile prefetched)
+            nxt = _load_tile(u_row, dt_row, z_row, o_row, B_b, C_b, c_start + (c_tiles - 1) * T, L, s_Bt, s_Ct,
+                             d_ok, offs_t, N, NP, T, True, HAS_Z, True, True, True)
+            h_nxt = ()
+            for n in tl.static_range(N):
+                h_nxt = h_nxt + (tl.load(scr_base + ((c_tiles - 1) * N + n) * BLOCK_D),)
             for kk in range(c_tiles):
                 k = c_tiles - 1 - kk
                 t0 = c_start + k * T
+                cur = nxt
+                h = h_nxt
+                nxt = _load_tile(u_row, dt_row, z_row, o_row, B_b, C_b, t0 - T, L, s_Bt, s_Ct, d_ok, offs_t,
+                                 N, NP, T, True, HAS_Z, True, True, True)
+                k_prev = tl.maximum(k - 1, 0)                          # at k = 0 a harmless reload of slot 0
+                h_nxt = ()
+                for n in tl.static_range(N):
+                    h_nxt = h_nxt + (tl.load(scr_base + (k_prev * N + n) * BLOCK_D),)
                 t = t0 + offs_t
                 m2 = d_ok[:, None] & (t < L)[None, :]
-                h = ()
-                for n in tl.static_range(N):
-                    h = h + (tl.load(scr_base + (k * N + n) * BLOCK_D),)
-                dl, raw = _load_delta(dt_row, t, m2, bias, HAS_BIAS, SOFTPLUS)
-                u = tl.load(u_row + t[None, :], mask=m2, other=0.0).to(tl.float32)
-                dout = tl.load(o_row + t[None, :], mask=m2, other=0.0).to(tl.float32)
-                Bs = _load_tn(B_b, t0, L, s_Bt, N, NP, T)
-                Cs = _load_tn(C_b, t0, L, s_Ct, N, NP, T)
+                dl, raw = _delta(cur[1], m2, bias, HAS_BIAS, SOFTPLUS)
+                u = cur[0].to(tl.float32)
+                dout = cur[3].to(tl.float32)
+                Bs = _scalars(cur[4], T * NP)
+                Cs = _scalars(cur[5], T * NP)
                 if HAS_Z:
-                    zt = tl.load(z_row + t[None, :], mask=m2, other=0.0).to(tl.float32)
+                    zt = cur[2].to(tl.float32)
                     sz = _sigmoid(zt)
                     dy = dout * (zt * sz)
                 else:
@@ -572,13 +620,15 @@ def _num_sms(device: torch.device) -> int:
 def _pick_config(b: int, d: int, L: int, dtype: torch.dtype, device: torch.device, backward: bool) -> dict:
     """Block shapes and the number of parallel segments. Overridable for tuning via _CONFIG_OVERRIDE."""
     block_d, num_warps = (32, 1)
-    T = 2 if backward else 4
+    T = 2 if backward else 4          # backward keeps T steps of states and decays live: T = 4 spills registers
     warps = b * triton.cdiv(d, block_d) * num_warps
-    # enough warps for every scheduler of every SM (4 per SM) before paying for a segment pre-pass; the backward's
-    # pre-pass is cheap relative to its main pass, so it splits more eagerly
-    want = (8 if backward else 4) * _num_sms(device)
-    n_seg = max(1, min(triton.cdiv(want, warps), triton.cdiv(L, 4 * CK_DEFAULT)))
-    cfg = {"BLOCK_D": block_d, "T": T, "num_warps": num_warps, "n_seg": n_seg, "N_POLY": 3}
+    sms = _num_sms(device)
+    # The loop is latency-bound below ~6 warps per SM (measured on an H200: 8 x 1536 ran fastest with 4-6
+    # segments, 1 x 4096 x 1M with 10, 8 x 4096 with 1). A segment pre-pass costs ~3/4 of a forward, so split only
+    # when short of warps, aiming at ~12 per SM, and keep segments >= 4 chunks long.
+    n_seg = 1 if warps >= 6 * sms else triton.cdiv(12 * sms, warps)
+    n_seg = max(1, min(n_seg, triton.cdiv(L, 4 * CK_DEFAULT)))
+    cfg = {"BLOCK_D": block_d, "T": T, "num_warps": num_warps, "n_seg": n_seg, "N_POLY": 2}
     cfg.update(_CONFIG_OVERRIDE.get("bwd" if backward else "fwd", {}))
     return cfg
 

@@ -65,7 +65,9 @@ def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias
     z = z if z is None or z.stride(-1) == 1 else z.contiguous()
     A = A.contiguous()
     y = torch.empty((b, d), device=x.device, dtype=x.dtype)
-    block_d = 64 if d >= 64 * 132 // max(b, 1) else 32
+    # small batches: short programs (32 channels, 4 warps) so the one round of loads is spread wide; large
+    # batches: 64 channels per program (the step is then bandwidth-bound)
+    block_d = 32 if b * d < 32 * 4 * 132 else 64
     dummy = y
     _step_kernel[(triton.cdiv(d, block_d), b)](
         state, x, dt, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
@@ -73,5 +75,5 @@ def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias
         d, state.stride(0), state.stride(1), x.stride(0), dt.stride(0), B.stride(0), C.stride(0),
         z.stride(0) if z is not None else 0, y.stride(0),
         N=n, NP=triton.next_power_of_2(n), BLOCK_D=block_d, HAS_D=D is not None, HAS_Z=z is not None,
-        HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), num_warps=4 if block_d >= 64 else 2)
+        HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), num_warps=4)
     return y

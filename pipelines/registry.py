@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 CHALLENGER = "challenger"
 CHAMPION = "champion"
 MODEL_ARTIFACT = "detector"          # name of the logged model inside a run
+EPOCH_METRICS = ("train_nll", "val_nll", "aux_loss", "lr", "tokens_per_s")
 ROOT = Path(__file__).resolve().parent.parent
 PYFUNC_FILE = Path(__file__).resolve().with_name("pyfunc_model.py")
 # What the logged model needs to import: the model and kernels packages, and the detector module of pipelines.
@@ -160,9 +161,10 @@ def log_training(result: TrainResult, *, tracking_uri: str, model_name: str | No
         tmp = Path(tmp_dir)
         with mlflow.start_run(experiment_id=exp_id, run_name=run_name) as run:
             mlflow.log_params(_params(result, params))
+            # per-epoch curves under epoch/: the plain names hold the final values the promotion gate reads (MLflow
+            # reports a metric's value at its largest step, so curves and finals must not share a name)
             for row in result.history.iter_rows(named=True):
-                mlflow.log_metrics(_finite({k: row[k] for k in ("train_nll", "val_nll", "aux_loss", "lr",
-                                                                 "tokens_per_s")}), step=int(row["step"]))
+                mlflow.log_metrics(_finite({f"epoch/{k}": row[k] for k in EPOCH_METRICS}), step=int(row["step"]))
             mlflow.log_metrics(_finite(result.metrics))
             mlflow.set_tags({"rmamba.kind": "training", **dict(tags or {})})
 

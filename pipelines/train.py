@@ -58,8 +58,8 @@ RESUME_FREE = ("device", "checkpoint_dir", "checkpoint_every")
 class TrainConfig:
     """The [train] table of plant.toml. Defaults train the demo model in minutes on 2 CPU cores."""
 
-    window: int = 1024              # steps per training window (the context the model learns over)
-    batch_size: int = 4             # windows per equipment type per step
+    window: int = 2048              # steps per training window (the context the model learns over)
+    batch_size: int = 2             # windows per equipment type per step
     steps: int = 300                # optimizer steps in all
     steps_per_epoch: int = 50       # validation (and early-stopping check) every this many steps
     lr: float = 3e-3                # peak learning rate

@@ -7,7 +7,7 @@ test_ingest_malformed.py and test_ingest_incremental.py.
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import polars as pl
@@ -149,6 +149,25 @@ def test_days_partition_in_utc_and_fixed_equipment_id(tmp_path):
     assert sorted(df["date"].cast(pl.String).to_list()) == ["2024-01-15", "2024-01-16"]
     assert set(df["equipment"]) == {"P/9 x"}  # percent-encoded in the path, decoded on read
     assert (cfg.store / "equipment_type=pump" / "equipment=P%2F9%20x").is_dir()
+
+
+def test_month_chunks_join_seamlessly(tmp_path):
+    """Stage B works one equipment-month at a time; the fill, the gaps and the duplicates do not notice."""
+    cfg = plant(tmp_path, max_ffill=2)
+    rows = [("2024-01-31 23:57:00", "P1", 1, 1), ("2024-01-31 23:58:00", "P1", 2, 1),
+            ("2024-02-01 00:02:00", "P1", 3, 1),  # 23:59 and 00:00 filled across the month boundary
+            ("2024-02-01 00:02:00", "P1", 3, 1),  # exact duplicate
+            ("2024-03-01 00:00:00", "P1", 9, 1)]  # a month later: one long gap
+    write_raw(tmp_path, "a.csv", wide_csv(rows))
+    r = ingest(cfg)
+    df = store(cfg)
+    assert df.height == 3 + 29 * 1440 + 1  # a contiguous grid from Jan 31 23:57 to Mar 1 00:00
+    head = df.head(6)
+    assert head["flow"].to_list() == [1, 2, 2, 2, None, 3]
+    assert head["flow__missing"].to_list() == [False, False, True, True, True, False]
+    assert r.report.deduplicated == 1 and r.report.gaps == 2
+    assert df["timestamp"].diff().drop_nulls().unique().to_list() == [timedelta(minutes=1)]
+    assert len({p.parent.name for p in cfg.store.rglob("*.parquet")}) == 31  # one file per UTC day
 
 
 @pytest.mark.parametrize("policy,expected_utc,quarantined", [

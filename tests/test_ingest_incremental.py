@@ -170,7 +170,7 @@ def test_cli_ingest_twice_then_error(tmp_path, capsys):
     assert snapshot(tmp_path / "store") == before
 
 
-def test_cli_subprocess_progress_and_source_filter(tmp_path):
+def test_cli_subprocess_progress_and_source_filter(tmp_path, capsys):
     config = write_plant(tmp_path, [
         {"name": "a", "path": "raw/a*.csv", "timestamp_format": "%Y-%m-%d %H:%M:%S", "timezone": "UTC",
          "equipment_type": "pump", "equipment_id_column": "equipment_id"},
@@ -184,7 +184,6 @@ def test_cli_subprocess_progress_and_source_filter(tmp_path):
     assert "b " in run.stdout and "\na " not in run.stdout
     assert sorted(pl.scan_parquet(str(tmp_path / "store" / "**" / "*.parquet"), hive_partitioning=True)
                   .select("equipment").unique().collect()["equipment"]) == ["P9"]
-    bad = subprocess.run([sys.executable, "-m", "app.cli", "ingest", "--config", str(config), "--source", "c"],
-                         capture_output=True, text=True)
-    assert bad.returncode == 2 and "no source named 'c' (sources: a, b)" in bad.stderr
-    assert "Traceback" not in bad.stderr
+    assert main(["ingest", "--config", str(config), "--source", "c"]) == 2
+    err = capsys.readouterr().err
+    assert "rmamba ingest: error: no source named 'c' (sources: a, b)" in err and "Traceback" not in err

@@ -91,7 +91,7 @@ def test_log_register_promotion_gate_and_pyfunc_round_trip(tracking, trained, tm
     client = MlflowClient(tracking)
     run = client.get_run(first.run_id)
     assert run.data.params["model.d_model"] == "8" and run.data.params["sensors.fan"] == "speed,vib"
-    assert len(client.get_metric_history(first.run_id, "train_nll")) == trained.history.height
+    assert len(client.get_metric_history(first.run_id, "epoch/val_nll")) == trained.history.height
     assert run.data.metrics["val_nll"] == pytest.approx(base)
     logged = {f.path for d in ("ingest", "evaluation", "plots", "training")
               for f in client.list_artifacts(first.run_id, d)}
@@ -139,6 +139,32 @@ def test_log_register_promotion_gate_and_pyfunc_round_trip(tracking, trained, tm
     assert det.threshold_ == trained.detector.threshold_
 
 
+def test_score_frame_reads_missing_flags_sorts_by_time_and_splits_equipment(trained):
+    det = trained.detector
+    base = pl.from_pandas(pump_frame(30))
+    flagged = base.with_columns(pl.lit(False).alias("flow__missing"), pl.lit(False).alias("temp__missing"))
+    flagged = flagged.with_columns(pl.when(pl.int_range(30) == 10).then(True).otherwise(False).alias("flow__missing"))
+    out = det.score_frame(flagged)
+    ref = base.to_pandas()
+    values = ref[["flow", "pressure", "temp"]].to_numpy().copy()
+    values[10, 0] = np.nan  # flagged missing: unobserved even though a (forward-filled) value is present
+    np.testing.assert_allclose(out["score"].to_numpy(), det.score(values, "pump").score, rtol=1e-6)
+    assert out["attr__flow"][10] == 0.0 and out["attr__pressure"][10] > 0
+    # rows come back in time order; two equipment are scored separately, each from a fresh state
+    shuffled = pl.concat([base.with_columns(pl.lit("P-1").alias("equipment")),
+                          base.with_columns(pl.lit("P-2").alias("equipment"))]).sample(fraction=1.0, seed=1,
+                                                                                      shuffle=True)
+    both = det.score_frame(shuffled)
+    assert both["equipment"].to_list() == ["P-1"] * 30 + ["P-2"] * 30 or both["equipment"].to_list() == [
+        "P-2"] * 30 + ["P-1"] * 30
+    for eq in ("P-1", "P-2"):
+        part = both.filter(pl.col("equipment") == eq)
+        assert part["timestamp"].is_sorted()
+        np.testing.assert_allclose(part["score"].to_numpy(), det.score_frame(base)["score"].to_numpy(), rtol=1e-6)
+    with pytest.raises(ValueError, match="expected exactly one type per frame"):
+        det.score_frame(pl.concat([base, base.with_columns(pl.lit("fan").alias("equipment_type"))]))
+
+
 def test_promote_without_a_challenger_is_an_error(tracking):
     with pytest.raises(ValueError, match="no registered model 'nobody'"):
         registry.promote("nobody", tracking_uri=tracking)
@@ -173,6 +199,11 @@ def test_cli_generate_ingest_train_promote(tmp_path, db_template, capsys):
 
     assert main(["promote", "--config", str(toml)]) == 0
     assert "'champion' stays version 1" in capsys.readouterr().out
+
+    # --resume continues from the finished run's checkpoint: nothing left to train, same result
+    assert main(["train", "--config", str(toml), "--max-steps", "4", "--resume", "--no-register", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "trained 4 steps (2 epochs" in out and "detector saved to" in out and "registered" not in out
 
     # the registered model loads in a fresh interpreter, elsewhere, from the code logged with it
     probe = ("import mlflow, sys; import pandas as pd; mlflow.set_tracking_uri(sys.argv[1]); "

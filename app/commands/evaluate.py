@@ -9,9 +9,9 @@ from pathlib import Path
 
 # Presets per dataset: full runs, and --quick (CPU minutes). Flags given on the command line win.
 PRESETS = {
-    ("skab", False): {"steps": 300, "window": 128, "batch_size": 8, "steps_per_epoch": 50},
+    ("skab", False): {"steps": 600, "window": 128, "batch_size": 8, "steps_per_epoch": 25},
     ("skab", True): {"steps": 60, "window": 128, "batch_size": 8, "steps_per_epoch": 20},
-    ("synthetic", False): {"steps": 300, "window": 256, "batch_size": 8, "steps_per_epoch": 50, "days": 30.0},
+    ("synthetic", False): {"steps": 300, "window": 256, "batch_size": 4, "steps_per_epoch": 50, "days": 14.0},
     ("synthetic", True): {"steps": 40, "window": 128, "batch_size": 4, "steps_per_epoch": 20, "days": 6.0},
 }
 
@@ -52,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layers", type=_positive_int, default=2, help="RoM model layers (default 2)")
     p.add_argument("--experts", type=_positive_int, default=8, help="RoM experts E (default 8)")
     p.add_argument("--top-k", type=_positive_int, default=1, help="experts per token K (default 1)")
-    p.add_argument("--days", type=float, default=None, help="synthetic: days of plant data (default 30; quick 6)")
+    p.add_argument("--days", type=float, default=None, help="synthetic: days of plant data (default 14; quick 6)")
     p.add_argument("--plant-seed", type=int, default=0, help="synthetic: generator seed (default 0)")
     p.add_argument("--tracking-uri", default=None, metavar="URI", help="MLflow tracking URI to log the evaluation to")
     p.add_argument("--device", default="auto", help="training device: auto (cuda when available), cpu, cuda")

@@ -18,7 +18,7 @@ import polars as pl
 
 from pipelines.config import EquipmentType, SourceConfig
 from pipelines.ingest.quality import CODE, VALUE_REASONS, RowReason
-from pipelines.ingest.store import TS, UTC_US, read_days, read_range, store_schema
+from pipelines.ingest.store import TS, UTC_US, Pending, read_days, read_range, store_schema
 
 _MAX_LISTED = 20  # gaps / stuck runs listed per equipment in the report (all are counted)
 
@@ -56,8 +56,10 @@ def ceil_to_grid(t: datetime, grid: str) -> datetime:
 
 
 def process_equipment(df: pl.DataFrame, src: SourceConfig, etype: EquipmentType, equipment: str,
-                      watermark: datetime | None, store: Path) -> EquipmentOutcome:
-    """Stage B for one equipment. ``df`` holds its usable staged rows (see readers.py for columns)."""
+                      watermark: datetime | None, store: Path, pending: Pending | None = None) -> EquipmentOutcome:
+    """Stage B for one equipment. ``df`` holds its usable staged rows (see readers.py for columns), all of
+    them, or one calendar month of them at a time in time order (``watermark`` then being the newest time
+    of the months before, and ``pending`` the store files they produced)."""
     long = src.layout == "long"
     out = EquipmentOutcome(equipment=equipment)
     key = [TS, "sensor"] if long else [TS]
@@ -71,7 +73,7 @@ def process_equipment(df: pl.DataFrame, src: SourceConfig, etype: EquipmentType,
         if late_mask.any():
             late = df.filter(late_mask)
             df = df.filter(~late_mask)
-            matched = _matches_store(late, src, etype, equipment, store, long)
+            matched = _matches_store(late, src, etype, equipment, store, long, pending)
             stored, not_stored = late.filter(matched), late.filter(~matched)
             out.deduplicated["already_stored"] = stored.height
             dedup_rows.append(stored.select("_file"))
@@ -98,7 +100,7 @@ def process_equipment(df: pl.DataFrame, src: SourceConfig, etype: EquipmentType,
     out.unobserved_sensors = [s for s in etype.sensor_names if obs[s].null_count() == obs.height]
     _stuck(obs, src, etype, out)
     if obs.height:
-        _align(obs, src, etype, equipment, watermark, store, out)
+        _align(obs, src, etype, equipment, watermark, store, out, pending)
     return out
 
 
@@ -109,7 +111,7 @@ def _resolve_ambiguous(df: pl.DataFrame, src: SourceConfig, long: bool) -> tuple
     if n_amb == 0 or src.ambiguous == "earliest":
         return df.with_columns(pl.col("ts_e").alias(TS)), n_amb
     if src.ambiguous == "latest":
-        return df.with_columns(pl.col("ts_l").alias(TS)), n_amb
+        return df.with_columns(pl.coalesce("ts_l", "ts_e").alias(TS)), n_amb
     group = ["_file", "sensor"] if long else ["_file"]
     amb = (
         df.filter("_amb").select("_file", "_line", *(["sensor"] if long else []), "ts_e").sort("_file", "_line")
@@ -224,7 +226,7 @@ def _stuck(obs: pl.DataFrame, src: SourceConfig, etype: EquipmentType, out: Equi
 
 
 def _align(obs: pl.DataFrame, src: SourceConfig, etype: EquipmentType, equipment: str,
-           watermark: datetime | None, store: Path, out: EquipmentOutcome) -> None:
+           watermark: datetime | None, store: Path, out: EquipmentOutcome, pending: Pending | None) -> None:
     """Merge new observations with the stored rows around them and lay them on the grid."""
     sensors = etype.sensor_names
     g = src.grid_timedelta
@@ -232,7 +234,7 @@ def _align(obs: pl.DataFrame, src: SourceConfig, etype: EquipmentType, equipment
     b0, bmax = obs[TS].min(), obs[TS].max()
     r0 = b0 if watermark is None else min(b0, ceil_to_grid(watermark, src.grid) + g)
     ctx_start = r0 - f * g
-    old = read_range(store, etype, equipment, ctx_start.date(), bmax.date())
+    old = read_range(store, etype, equipment, ctx_start.date(), bmax.date(), pending)
     if old.height:
         old_obs = old.filter(pl.col(TS) >= ctx_start).select(
             TS, *[pl.when(~pl.col(f"{s}__missing")).then(pl.col(s)).alias(s) for s in sensors])
@@ -275,11 +277,11 @@ def _gaps(merged: pl.DataFrame, b0: datetime, src: SourceConfig, out: EquipmentO
 
 
 def _matches_store(late: pl.DataFrame, src: SourceConfig, etype: EquipmentType, equipment: str, store: Path,
-                   long: bool) -> pl.Series:
+                   long: bool, pending: Pending | None) -> pl.Series:
     """For rows at or before the watermark: does the store already hold the same values at their grid point?"""
     late = late.with_columns(bucket_expr(pl.col(TS), src.grid).alias("_b"))
     days = late["_b"].dt.date().unique().to_list()
-    old = read_days(store, etype, equipment, days)
+    old = read_days(store, etype, equipment, days, pending)
     if not old.height:
         return pl.Series([False] * late.height)
     sensors = etype.sensor_names

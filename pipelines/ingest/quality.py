@@ -81,14 +81,14 @@ def timestamp_stages(raw: str, src: SourceConfig, dtype: pl.DataType) -> Stages:
     ]
 
 
-def quality_class(q: pl.Expr) -> pl.Expr:
+def quality_class(low: pl.Expr) -> pl.Expr:
     """OPC UA quality words (Good / Uncertain / Bad, with any suffix such as Bad_SensorFailure) to a class.
 
-    Empty quality means good (no information); anything else unrecognised is Q_UNKNOWN (treated as bad).
+    ``low`` is the quality text stripped and lower-cased. Empty quality means good (no information);
+    anything else unrecognised is Q_UNKNOWN (treated as bad).
     """
-    low = q.str.strip_chars().str.to_lowercase()
     return (
-        pl.when(q.is_null() | (low == "") | low.str.starts_with("good")).then(pl.lit(Q_GOOD, pl.UInt8))
+        pl.when(low.is_null() | (low == "") | low.str.starts_with("good")).then(pl.lit(Q_GOOD, pl.UInt8))
         .when(low.str.starts_with("uncertain")).then(pl.lit(Q_UNCERTAIN, pl.UInt8))
         .when(low.str.starts_with("bad")).then(pl.lit(Q_BAD, pl.UInt8))
         .otherwise(pl.lit(Q_UNKNOWN, pl.UInt8))
@@ -101,27 +101,33 @@ def value_stages(raw: str, out: str, src: SourceConfig, dtype: pl.DataType, sens
     """Column ``raw`` (text or numbers) to ``out`` (Float64, null unless usable) and ``out__why`` (UInt8 code).
 
     ``sensor`` gives the physical limits of a wide column; for long rows, ``row_sensor`` = (name of the
-    sensor column, sensors) looks the limits up per row. Temporary columns start with ``_t_<out>``.
+    sensor column, an Enum of the sensors in order; the sensors) looks the limits up per row. Temporary
+    columns start with ``_t_<out>``. The slow string work only touches the few values that need it: those
+    the plain number cast rejects, and qualities other than exactly "Good" (the rest are masked to null).
     """
     t = f"_t_{out}"
     col = pl.col(raw)
     s1: list[pl.Expr] = []
     s2: list[pl.Expr] = []
+    s3: list[pl.Expr] = []
     if dtype == pl.String:
         text = col.str.replace(",", ".", literal=True) if src.decimal_comma else col
         s1.append(text.cast(pl.Float64, strict=False).alias(f"{t}_f"))
-        # The slower string work only touches values the plain cast rejected (the rest are masked to null).
-        odd = pl.when(pl.col(f"{t}_f").is_null()).then(text).str.strip_chars()
+        s2.append(pl.when(pl.col(f"{t}_f").is_null()).then(text).str.strip_chars().alias(f"{t}_o"))
         words = [w.lower() for w in src.state_words]
-        s2 += [pl.coalesce(pl.col(f"{t}_f"), odd.cast(pl.Float64, strict=False)).alias(f"{t}_n"),
+        odd = pl.col(f"{t}_o")
+        s3 += [pl.coalesce(pl.col(f"{t}_f"), odd.cast(pl.Float64, strict=False)).alias(f"{t}_n"),
                (odd.str.to_lowercase().is_in(words) if words else pl.lit(False)).alias(f"{t}_w")]
     elif dtype.is_numeric() or dtype == pl.Boolean:
         s1.append(col.cast(pl.Float64).alias(f"{t}_f"))
-        s2 += [pl.col(f"{t}_f").alias(f"{t}_n"), pl.lit(False).alias(f"{t}_w")]
+        s3 += [pl.col(f"{t}_f").alias(f"{t}_n"), pl.lit(False).alias(f"{t}_w")]
     else:
         raise TypeError(f"values of type {dtype} are not numbers or text")
     if quality is not None:
-        s1.append(quality_class(pl.col(quality).cast(pl.String)).alias(f"{t}_q"))
+        q = pl.col(quality).cast(pl.String)
+        s1.append(pl.when(q != "Good").then(q).str.strip_chars().str.to_lowercase().alias(f"{t}_ql"))
+        s2.append(pl.when(q.is_null() | (q == "Good")).then(pl.lit(Q_GOOD, pl.UInt8))
+                  .otherwise(quality_class(pl.col(f"{t}_ql"))).alias(f"{t}_q"))
     num, word, qc = pl.col(f"{t}_n"), pl.col(f"{t}_w"), pl.col(f"{t}_q")
 
     def lit(name: str) -> pl.Expr:
@@ -146,7 +152,7 @@ def value_stages(raw: str, out: str, src: SourceConfig, dtype: pl.DataType, sens
     if out_of_range is not None:
         code = code.when(out_of_range).then(lit("out_of_range"))
     why = f"{out}__why"
-    return [s1, s2, [code.otherwise(lit("ok")).alias(why)],
+    return [s1, s2, s3, [code.otherwise(lit("ok")).alias(why)],
             [pl.when(pl.col(why) == CODE["ok"]).then(num).otherwise(None).alias(out)]]
 
 
@@ -162,12 +168,10 @@ def _out_of_range(num: pl.Expr, sensor: SensorConfig) -> pl.Expr | None:
 
 
 def _out_of_range_rows(num: pl.Expr, sensor: pl.Expr, sensors: tuple[SensorConfig, ...]) -> pl.Expr | None:
-    """Per-row physical limits for long layout (the sensor name differs from row to row)."""
-    lo = {s.name: s.min for s in sensors if s.min is not None}
-    hi = {s.name: s.max for s in sensors if s.max is not None}
-    if not lo and not hi:
+    """Per-row physical limits for long layout; ``sensor`` is an Enum of the sensor names (in order)."""
+    if all(s.min is None and s.max is None for s in sensors):
         return None
-    name = sensor.cast(pl.String)
-    lo_e = name.replace_strict(lo, default=None, return_dtype=pl.Float64) if lo else pl.lit(None, pl.Float64)
-    hi_e = name.replace_strict(hi, default=None, return_dtype=pl.Float64) if hi else pl.lit(None, pl.Float64)
-    return (num < lo_e).fill_null(False) | (num > hi_e).fill_null(False)
+    idx = sensor.to_physical()
+    lo = pl.lit(pl.Series([s.min for s in sensors], dtype=pl.Float64)).gather(idx)
+    hi = pl.lit(pl.Series([s.max for s in sensors], dtype=pl.Float64)).gather(idx)
+    return (num < lo).fill_null(False) | (num > hi).fill_null(False)

@@ -1,11 +1,12 @@
 """Stage A: read one log file (csv | parquet, wide | long) into a cleaned, staged parquet, streaming.
 
-Each file is scanned lazily and sunk to ``<staging>/_part=<equipment>/*.parquet`` (rejected rows under a
-reserved partition), so memory stays bounded however large the file. Staged columns:
+Each file is scanned lazily and sunk to ``<staging>/_part=<equipment>/_month=<n>/*.parquet`` (rejected rows
+under a reserved partition), so memory stays bounded however large the file: stage B then works on one
+equipment and one calendar month (UTC) at a time. Staged columns:
 
     _file Int32, _line Int64 (1-based line in the file; data rows of a parquet file count from 1),
-    _reason Enum (null for usable rows), equipment String, ts_e / ts_l Datetime[us, UTC] (earlier / later
-    reading of a repeated local time; equal elsewhere), _amb Boolean,
+    _reason Enum (null for usable rows), ts_e / ts_l Datetime[us, UTC] (earlier / later reading of a
+    repeated local time; ts_l is null elsewhere), _amb Boolean (the equipment id is the partition key),
     wide: <sensor> Float64 and <sensor>__why UInt8 per sensor of the equipment type;
     long: sensor Enum, value Float64, value__why UInt8, _tag String (only on unknown-tag rows).
 
@@ -48,13 +49,12 @@ class StagedFile:
     sensors_seen: set[str] = field(default_factory=set)
     not_numeric: dict[str, int] = field(default_factory=dict)  # column -> first line with text in it
 
-    def partitions(self) -> dict[str, Path]:
-        """Staged partition folders by equipment id (the rejected partition under REJECTED)."""
+    def partitions(self) -> dict[tuple[str, int], Path]:
+        """Staged partition folders by (equipment id, month number); rejected rows under (REJECTED, 0)."""
         out = {}
-        if self.dir.exists():
-            for d in sorted(self.dir.iterdir()):
-                if d.is_dir() and "=" in d.name:
-                    out[unquote(d.name.split("=", 1)[1])] = d
+        for d in sorted(self.dir.glob("_part=*/_month=*")):
+            if d.is_dir():
+                out[(unquote(d.parent.name.split("=", 1)[1]), int(d.name.split("=", 1)[1]))] = d
         return out
 
 
@@ -222,6 +222,11 @@ def _row_reason(bad: pl.DataFrame | None, src: SourceConfig) -> Any:
     return reason
 
 
+def month_number(ts: pl.Expr) -> pl.Expr:
+    """Months since year 0 (UTC): the unit of work of stage B."""
+    return (ts.dt.year().cast(pl.Int32) * 12 + ts.dt.month().cast(pl.Int32) - 1).alias("_month")
+
+
 def _equipment_expr(src: SourceConfig) -> pl.Expr | None:
     if src.equipment_id is not None:
         return pl.lit(src.equipment_id, pl.String)
@@ -258,19 +263,19 @@ def build_staged(lf: pl.LazyFrame, schema: dict[str, pl.DataType], names: list[s
                                       quality=qname if qname in names else None))
             final += [pl.col(f"_v_{s.name}").alias(s.name), pl.col(f"_v_{s.name}__why").alias(f"{s.name}__why")]
     else:
+        # Tags are "<equipment>.<sensor>" (or just "<sensor>" when the equipment comes from a column): the
+        # sensor is the text after the last dot, matched against the type's sensors through an Enum cast.
         tag = pl.col(src.tag_column).cast(pl.String)
-        sensor = pl.when(pl.lit(False)).then(pl.lit(None, pl.String))
-        suffix_len = pl.when(pl.lit(False)).then(pl.lit(None, pl.Int64))
-        for s in etype.sensors:
-            sensor = sensor.when(tag.str.ends_with(f".{s.name}") | (tag == s.name)).then(pl.lit(s.name))
-            suffix_len = suffix_len.when(tag.str.ends_with(f".{s.name}")).then(pl.lit(len(s.name) + 1))
-        pre.append(sensor.otherwise(None).alias("_sn"))
+        names = etype.sensor_names
+        pre.append(tag.str.split(".").list.last().cast(pl.Enum(names), strict=False).alias("_sn"))
         has_prefix = pl.lit(True)
         if equipment is None:  # the equipment id is the tag up to ".<sensor>"
-            head = tag.str.head(-suffix_len.otherwise(None))
-            equipment = pl.when(head == "").then(None).otherwise(head)
-            has_prefix = tag.str.contains(".", literal=True)
-        pre.append(equipment.alias("_eq"))
+            suffix = pl.lit(pl.Series([len(n) + 1 for n in names], dtype=pl.Int64)).gather(
+                pl.col("_sn").to_physical())
+            parts.append([[], [tag.str.head(-suffix).alias("_eqh")]])
+            equipment = pl.when(pl.col("_eqh") == "").then(None).otherwise(pl.col("_eqh"))
+            has_prefix = pl.when(pl.col("_sn").is_null()).then(tag).str.contains(".", literal=True)
+        parts.append([[], [], [equipment.alias("_eq")]])
         reason = (
             reason.when(tag.is_null()).then(pl.lit("bad_tag", RowReason))
             .when(pl.col("_sn").is_null() & has_prefix).then(pl.lit("unknown_sensor", RowReason))
@@ -280,18 +285,19 @@ def build_staged(lf: pl.LazyFrame, schema: dict[str, pl.DataType], names: list[s
         parts.append([[], *value_stages(src.value_column, "_val", src, schema[src.value_column],
                                         quality=src.quality_column, row_sensor=("_sn", etype.sensors))])
         final += [
-            pl.col("_sn").cast(pl.Enum(etype.sensor_names)).alias("sensor"), pl.col("_val").alias("value"),
-            pl.col("_val__why").alias("value__why"),
+            pl.col("_sn").alias("sensor"), pl.col("_val").alias("value"), pl.col("_val__why").alias("value__why"),
             pl.when(pl.col("_sn").is_null()).then(tag).otherwise(None).alias("_tag"),
         ]
     stages = merge_stages([pre], ts_stages, *parts)
     for step in stages:
         lf = lf.with_columns(step)
     lf = lf.with_columns(reason.otherwise(None).alias("_reason"))
+    # The equipment id is the partition key (not repeated per row); ts_l is kept only where it differs.
     staged = lf.select(
-        pl.lit(index, pl.Int32).alias("_file"), pl.col("_line"), pl.col("ts_e"), pl.col("ts_l"),
-        pl.col("_amb"), pl.col("_eq").alias("equipment"), *final, pl.col("_reason"),
+        pl.lit(index, pl.Int32).alias("_file"), pl.col("_line"), pl.col("ts_e"),
+        pl.when(pl.col("_amb")).then(pl.col("ts_l")).alias("ts_l"), pl.col("_amb"), *final, pl.col("_reason"),
         pl.when(pl.col("_reason").is_null()).then(pl.col("_eq")).otherwise(pl.lit(REJECTED)).alias("_part"),
+        pl.when(pl.col("_reason").is_null()).then(month_number(pl.col("ts_e"))).otherwise(0).alias("_month"),
     )
     return staged, present
 
@@ -317,7 +323,7 @@ def stage_file(path: Path, index: int, src: SourceConfig, etype: EquipmentType, 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PartitionBy is marked unstable
             # staging is temporary: fast lz4, no statistics
-            staged.sink_parquet(pl.PartitionBy(out_dir, key="_part", include_key=False), mkdir=True,
+            staged.sink_parquet(pl.PartitionBy(out_dir, key=["_part", "_month"], include_key=False), mkdir=True,
                                 compression="lz4", statistics=False)
     except pl.exceptions.PolarsError as exc:
         if src.format == "csv":
@@ -363,7 +369,7 @@ def _summarise(info: StagedFile, src: SourceConfig, etype: EquipmentType, presen
         raise ValueError(f"{where}, line {line}, column {src.timestamp_column!r}: no timestamp matches the "
                          f"format {src.timestamp_format!r} (expected e.g. {_example_ts(src)}, got "
                          f"{_value_at(info.path, line, src)!r})")
-    good = [str(p / "*.parquet") for k, p in parts.items() if k != REJECTED]
+    good = [str(p / "*.parquet") for (eq, _), p in parts.items() if eq != REJECTED]
     if not good:
         return
     glf = pl.scan_parquet(good)
@@ -399,8 +405,8 @@ def _summarise(info: StagedFile, src: SourceConfig, etype: EquipmentType, presen
             line = int(stats["first"].min())
             raise ValueError(f"{where}, line {line}, column {src.value_column!r}: expected numbers, got "
                              f"{_value_at(info.path, line, src, src.value_column)!r} (every value is text)")
-    if REJECTED in parts and src.layout == "long":
-        tags = pl.scan_parquet(str(parts[REJECTED] / "*.parquet")).select(pl.col("_tag").drop_nulls().unique())
+    if (REJECTED, 0) in parts and src.layout == "long":
+        tags = pl.scan_parquet(str(parts[(REJECTED, 0)] / "*.parquet")).select(pl.col("_tag").drop_nulls().unique())
         info.unknown_tags = sorted(tags.collect()["_tag"].to_list())[:50]
 
 

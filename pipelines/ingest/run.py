@@ -8,6 +8,7 @@ as they were. Re-running a batch that was committed but not recorded rewrites id
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 from collections.abc import Callable
@@ -61,40 +62,61 @@ def ingest_source(cfg: PlantConfig, src: SourceConfig, watermark: SourceWatermar
     try:
         staged = []
         for i, plan in enumerate(to_read):
-            staged.append(stage_file(plan.path, i, src, etype, staging / "in" / f"f{i}", plan.skip_rows))
+            try:
+                staged.append(stage_file(plan.path, i, src, etype, staging / "in" / f"f{i}", plan.skip_rows))
+            except pl.exceptions.PolarsError as exc:  # anything the readers did not foresee: still name the file
+                raise ValueError(f"{plan.path}: could not be read ({str(exc).splitlines()[0]})") from exc
             if progress:
                 progress(plan.path)
         _check_batch(src, etype.sensor_names, [s for s, p in zip(staged, to_read) if p.skip_rows == 0],
                      [s.name for s in etype.sensors if s.required])
 
-        by_eq: dict[str, list[Path]] = {}
+        chunks: dict[str, dict[int, list[Path]]] = {}  # equipment -> month -> staged folders
         rejected: list[Path] = []
         for info in staged:
-            for eq, d in info.partitions().items():
-                (rejected if eq == REJECTED else by_eq.setdefault(eq, [])).append(d)
+            for (eq, month), d in info.partitions().items():
+                if eq == REJECTED:
+                    rejected.append(d)
+                else:
+                    chunks.setdefault(eq, {}).setdefault(month, []).append(d)
         quarantine = [
             pl.scan_parquet([str(d / "*.parquet") for d in rejected]).select("_file", "_line", "_reason")
             .filter(pl.col("_reason") != "blank").collect()
         ] if rejected else []
 
-        outputs: list[tuple[Path, Path]] = []
+        # stage B, one equipment-month at a time in time order; each month's output is the next one's context
+        outputs: dict[Path, tuple[Path, int]] = {}  # final store file -> (staged file, rows)
+        pending: dict = {}
+        serial = itertools.count()
         per_file: list[pl.DataFrame] = []
-        for eq in sorted(by_eq):
-            df = pl.scan_parquet([str(d / "*.parquet") for d in by_eq[eq]]).collect()
-            outcome = process_equipment(df, src, etype, eq, wm.max_ts.get(eq), cfg.store)
-            del df
-            for day, part in outcome.days.items():
-                final = partition_file(cfg.store, etype.name, eq, day)
-                tmp = staging / "out" / f"{len(outputs)}.parquet"  # flat: folders are costly to create/remove
-                part.write_parquet(tmp, compression="zstd", statistics=True)
-                outputs.append((tmp, final))
-                report.grid_rows_written += part.height
-            outcome.days.clear()
-            _add_outcome(report, outcome)
-            quarantine.append(outcome.quarantined)
-            per_file.append(outcome.per_file)
-            if outcome.max_ts is not None:
-                max_ts[eq] = max(max_ts.get(eq, outcome.max_ts), outcome.max_ts)
+        unobserved: dict[str, set[str]] = {}
+        for eq in sorted(chunks):
+            mark = wm.max_ts.get(eq)
+            for month in sorted(chunks[eq]):
+                df = pl.scan_parquet([str(d / "*.parquet") for d in chunks[eq][month]]).collect()
+                try:
+                    outcome = process_equipment(df, src, etype, eq, mark, cfg.store, pending)
+                except pl.exceptions.PolarsError as exc:
+                    raise ValueError(f"source {src.name!r}, equipment {eq!r}: {str(exc).splitlines()[0]}") from exc
+                del df
+                for day, part in outcome.days.items():
+                    final = partition_file(cfg.store, etype.name, eq, day)
+                    tmp = staging / "out" / f"{next(serial)}.parquet"  # flat: folders are costly to create/remove
+                    part.write_parquet(tmp, compression="zstd", compression_level=1, statistics=True)
+                    outputs[final] = (tmp, part.height)
+                    pending[(eq, day)] = tmp
+                outcome.days.clear()
+                _add_outcome(report, outcome)
+                quarantine.append(outcome.quarantined)
+                per_file.append(outcome.per_file)
+                unobserved[eq] = unobserved.get(eq, set(outcome.unobserved_sensors)) & set(outcome.unobserved_sensors)
+                if outcome.max_ts is not None:
+                    mark = outcome.max_ts if mark is None else max(mark, outcome.max_ts)
+            if mark is not None:
+                max_ts[eq] = mark
+        report.equipment = sorted(chunks)
+        report.unobserved_sensors = {eq: [s for s in etype.sensor_names if s in u] for eq, u in unobserved.items() if u}
+        report.grid_rows_written = sum(rows for _, rows in outputs.values())
 
         q = _quarantine_frame(src, to_read, quarantine)
         _file_reports(report, plans, to_read, staged, per_file, q)
@@ -105,7 +127,7 @@ def ingest_source(cfg: PlantConfig, src: SourceConfig, watermark: SourceWatermar
         report.check()
 
         # commit: store files first, then the quarantine file (each rename is atomic)
-        for tmp, final in outputs:
+        for final, (tmp, _) in outputs.items():
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, final)
         if q.height:
@@ -115,9 +137,10 @@ def ingest_source(cfg: PlantConfig, src: SourceConfig, watermark: SourceWatermar
             report.quarantine_file = str(q_final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-        parent = cfg.store / ".staging"
-        if parent.exists() and not any(parent.iterdir()):
-            parent.rmdir()
+        try:
+            (cfg.store / ".staging").rmdir()  # only when no other run is staging
+        except OSError:
+            pass
 
     for info, plan in zip(staged, to_read):
         files[plan.state.path] = replace(plan.state, lines=info.lines_read)
@@ -137,7 +160,6 @@ def _check_batch(src: SourceConfig, sensors: list[str], full_files: list[StagedF
 
 
 def _add_outcome(report: SourceReport, o: EquipmentOutcome) -> None:
-    report.equipment.append(o.equipment)
     report.kept += o.kept
     for k, v in o.deduplicated.items():
         report.deduplicated_by_reason[k] = report.deduplicated_by_reason.get(k, 0) + v
@@ -150,8 +172,6 @@ def _add_outcome(report: SourceReport, o: EquipmentOutcome) -> None:
     report.gap_list += o.gaps[: max(0, 50 - len(report.gap_list))]
     report.stuck += o.stuck_count
     report.stuck_list += o.stuck[: max(0, 50 - len(report.stuck_list))]
-    if o.unobserved_sensors:
-        report.unobserved_sensors[o.equipment] = o.unobserved_sensors
 
 
 def _quarantine_frame(src: SourceConfig, to_read: list[FilePlan], parts: list[pl.DataFrame]) -> pl.DataFrame:

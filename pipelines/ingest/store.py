@@ -3,13 +3,12 @@
 Layout: ``<store>/equipment_type=<type>/equipment=<id>/date=<YYYY-MM-DD>/part-0.parquet`` (values
 percent-encoded as polars does). Each file holds ``timestamp`` (Datetime[us, UTC], on the source's grid),
 one Float64 column per sensor (bounded forward fill applied) and ``<sensor>__missing`` (Boolean: no
-observation at that grid point, so the value is filled or null). Files are replaced atomically.
+observation at that grid point, so the value is filled or null). The ingest replaces files atomically
+(written under a temporary name, then renamed).
 """
 
 from __future__ import annotations
 
-import os
-import uuid
 from datetime import date, timedelta
 from pathlib import Path
 from urllib.parse import quote
@@ -39,9 +38,16 @@ def partition_file(store: Path, etype: str, equipment: str, day: date) -> Path:
     return equipment_dir(store, etype, equipment) / f"date={day.isoformat()}" / DATA_FILE
 
 
-def read_days(store: Path, etype: EquipmentType, equipment: str, days: list[date]) -> pl.DataFrame:
-    """The stored rows of the given days (empty frame with the store schema when none exist)."""
-    files = [p for d in sorted(set(days)) if (p := partition_file(store, etype.name, equipment, d)).exists()]
+Pending = dict[tuple[str, date], Path]  # (equipment, day) -> a file written in this run, not yet in the store
+
+
+def read_days(store: Path, etype: EquipmentType, equipment: str, days: list[date],
+              pending: Pending | None = None) -> pl.DataFrame:
+    """The stored rows of the given days (empty frame with the store schema when none exist); files in
+    ``pending`` (written earlier in the same run) take the place of the store's."""
+    pending = pending or {}
+    files = [p for d in sorted(set(days))
+             if (p := pending.get((equipment, d)) or partition_file(store, etype.name, equipment, d)).exists()]
     schema = store_schema(etype)
     if not files:
         return pl.DataFrame(schema=schema)
@@ -49,9 +55,10 @@ def read_days(store: Path, etype: EquipmentType, equipment: str, days: list[date
     return pl.concat([_conform(f, schema) for f in frames], how="vertical").sort(TS)
 
 
-def read_range(store: Path, etype: EquipmentType, equipment: str, start: date, end: date) -> pl.DataFrame:
+def read_range(store: Path, etype: EquipmentType, equipment: str, start: date, end: date,
+               pending: Pending | None = None) -> pl.DataFrame:
     days = [start + timedelta(days=i) for i in range((end - start).days + 1)]
-    return read_days(store, etype, equipment, days)
+    return read_days(store, etype, equipment, days, pending)
 
 
 def _conform(df: pl.DataFrame, schema: dict[str, pl.DataType]) -> pl.DataFrame:
@@ -63,18 +70,6 @@ def _conform(df: pl.DataFrame, schema: dict[str, pl.DataType]) -> pl.DataFrame:
         else:
             cols.append(pl.lit(True if dtype == pl.Boolean else None, dtype).alias(name))
     return df.select(cols)
-
-
-def write_atomic(df: pl.DataFrame, path: Path) -> None:
-    """Write a parquet file under a temporary name in the same folder, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        df.write_parquet(tmp, compression="zstd", statistics=True)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def scan_store(store: str | Path, equipment_type: str | None = None, equipment: str | None = None) -> pl.LazyFrame:
