@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from app.db import scoring_store
@@ -100,20 +101,22 @@ def load_champion(model_name: str, tracking_uri: str) -> tuple[RoMDetector, str]
 
 
 def store_index(store: Any) -> list[tuple[str, str, date, date]]:
-    """(equipment type, equipment, first day, last day) of every equipment in the store, sorted."""
-    import polars as pl
+    """(equipment type, equipment, first day, last day) of every equipment in the store, sorted. Read from the
+    partition folders (no parquet file is opened: types have different columns)."""
+    from urllib.parse import unquote
 
-    from pipelines.ingest.store import scan_store
+    from pipelines.ingest.store import DATA_FILE
 
-    try:
-        lf = scan_store(store)
-    except FileNotFoundError:
-        return []
-    idx = (lf.select("equipment_type", "equipment", "date").unique()
-           .group_by("equipment_type", "equipment").agg(pl.col("date").min().alias("first"),
-                                                        pl.col("date").max().alias("last"))
-           .sort("equipment_type", "equipment").collect())
-    return [(r["equipment_type"], r["equipment"], r["first"], r["last"]) for r in idx.iter_rows(named=True)]
+    found: dict[tuple[str, str], list[date]] = {}
+    for f in Path(store).glob(f"equipment_type=*/equipment=*/date=*/{DATA_FILE}"):
+        day_dir, eq_dir, type_dir = f.parent, f.parent.parent, f.parent.parent.parent
+        try:
+            day = date.fromisoformat(unquote(day_dir.name.split("=", 1)[1]))
+        except ValueError:
+            continue  # not a partition of ours
+        key = (unquote(type_dir.name.split("=", 1)[1]), unquote(eq_dir.name.split("=", 1)[1]))
+        found.setdefault(key, []).append(day)
+    return [(t, e, min(d), max(d)) for (t, e), d in sorted(found.items())]
 
 
 def type_grid(plant: PlantConfig, equipment_type: str) -> timedelta | None:
@@ -242,7 +245,8 @@ def _score_one(plant: PlantConfig, engine: Engine, detector: RoMDetector, name: 
         outcome.alerts_open = r["alerts_open"]
         alerts.update(out.alerts["start"].to_list())  # an alert open across windows is counted once
         outcome.alerts = len(alerts)
-        outcome.scored_from = outcome.scored_from or _iso(out.window_start)
+        if out.series.height and outcome.scored_from is None:
+            outcome.scored_from = _iso(out.series["timestamp"][0])
         outcome.scored_until = _iso(out.scored_until)
 
 

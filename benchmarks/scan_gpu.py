@@ -462,12 +462,14 @@ def run_config(b, d, L, dtype, ext, floors, args, results, n=16):
                 for k, v in rec.items() if k.startswith(("triton_", "mamba_", "speedup", "pct_"))}, flush=True)
 
 
-def precompile_specs(tune: bool) -> list[dict]:
+def precompile_specs(tune: bool, lean: bool = False) -> list[dict]:
     """Kernel variants the run will need (dtype x options x L divisibility x tuning configs), one worker each."""
     specs = []
     for dtype in ("bfloat16", "float32"):
-        for opts in ("all", "h0", "none"):
+        for opts in (("all", "h0") if lean else ("all", "h0", "none")):
             for L in (1024, 517):
+                if lean and opts == "all" and L == 517:
+                    continue
                 specs.append({"dtype": dtype, "opts": opts, "L": L, "fwd": {}, "bwd": {}, "grad": True})
     if tune:
         for c in ({"N_POLY": 0}, {"N_POLY": 1}):
@@ -506,7 +508,7 @@ def start_precompile(specs: list[dict]) -> list[subprocess.Popen]:
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for sp in specs]
 
 
-def small_checks(results_out: dict) -> bool:
+def small_checks(results_out: dict, lean: bool = False) -> bool:
     """Full-tensor checks against kernels.reference (fp64) at small shapes, every option combination."""
     from kernels import triton_scan as ts
     from kernels.reference import selective_scan_reference as ref
@@ -515,7 +517,7 @@ def small_checks(results_out: dict) -> bool:
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
         for (b, d, L, n_seg) in ((2, 208, 512, 1), (2, 96, 517, 3), (1, 64, 1024, 7)):
-            for opts in ("all", "none"):
+            for opts in (("all",) if lean else ("all", "none")):
                 for k in ("fwd", "bwd"):
                     ts._CONFIG_OVERRIDE[k] = {"n_seg": n_seg}
                 inp = make_inputs(b, d, L, 16, dtype, seed=L + d)
@@ -754,6 +756,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/rmamba_bench"))
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--quick", action="store_true", help="a few shapes only")
+    ap.add_argument("--lean", action="store_true", help="core shapes, all-options checks only, no step benchmark")
     ap.add_argument("--no-bwd", action="store_true")
     ap.add_argument("--no-mamba", action="store_true")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference (~90 s)")
@@ -770,7 +773,7 @@ def main() -> None:
     t_start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     proc = None if args.no_mamba else start_mamba_build(args.mamba_sdist, args.work)
-    workers = start_precompile(precompile_specs(args.tune))
+    workers = start_precompile(precompile_specs(args.tune, args.lean))
     import triton
 
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
@@ -788,7 +791,7 @@ def main() -> None:
           flush=True)
     for f in fails[:2]:
         print("PRECOMPILE FAILURE:", f, flush=True)
-    ok_small = small_checks(res)
+    ok_small = small_checks(res, args.lean)
     print("small checks", "OK" if ok_small else "FAIL", f"{time.perf_counter() - t_start:.0f}s", flush=True)
     if args.tune:
         tune(res)
@@ -802,8 +805,9 @@ def main() -> None:
         (args.out / "BENCHMARKS_scan_gpu.md").write_text(render(res))
 
     save()
-    step_bench(mstep, res)
-    save()
+    if not args.lean:
+        step_bench(mstep, res)
+        save()
     if not ok_small:
         res["notes"].append("small-shape checks failed: nothing timed")
         save()
@@ -815,6 +819,11 @@ def main() -> None:
                 shapes.append((8, d, L, dtype))
         for d in (1536, 4096):
             shapes.append((1, d, 1 << 20, dtype))
+    if args.lean:
+        bf, f32 = torch.bfloat16, torch.float32
+        shapes = [(8, 4096, 32768, bf), (8, 1536, 32768, bf), (8, 4096, 131072, bf), (1, 4096, 1 << 20, bf),
+                  (1, 1536, 1 << 20, bf), (8, 4096, 2048, bf), (8, 4096, 32768, f32), (8, 1536, 32768, f32),
+                  (8, 1536, 2048, bf)]
     if args.quick:
         shapes = [(8, 1536, 8192, torch.bfloat16), (8, 4096, 32768, torch.bfloat16), (1, 4096, 1 << 20, torch.bfloat16),
                   (8, 1536, 8192, torch.float32)]
@@ -829,7 +838,7 @@ def main() -> None:
                                    "notes": ["out of memory"]})
             torch.cuda.empty_cache()
         save()
-    if time.perf_counter() - t_start < args.budget_s:
+    if time.perf_counter() - t_start < args.budget_s and not args.lean:
         reference_and_compile(res, with_compile=not args.no_compile)
     save()
     print(render(res))

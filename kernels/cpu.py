@@ -1,22 +1,25 @@
-"""Vectorised, chunked selective scan for CPU tensors (exact: same math as the reference, float tolerance).
+"""Vectorised, chunked selective scan for CPU tensors (exact: same math as the reference, to float rounding).
 
 Shapes (ROM_SPEC section 1): u, delta, z: (batch, d_inner, L); A: (d_inner, d_state);
 B, C: (batch, d_state, L); D, delta_bias: (d_inner,); state: (batch, d_inner, d_state).
 
-Scheme. Time is cut into chunks of ``T`` steps; ``G`` consecutive chunks form a block, and blocks are
-processed one after the other (memory is bounded by the block, not by L). Inside a block:
-1. decays a_t = exp(delta_t A) and inputs x_t = delta_t B_t u_t for all (step, chunk) at once;
-2. a loop over the T steps of a chunk, vectorised over the G chunks, gives each chunk's states from a
-   zero start, h_t = a_t h_{t-1} + x_t, and the running decay product P_t = a_1 ... a_t;
-3. a loop over the G chunks carries the true start state from chunk to chunk: s_{k+1} = P_T s_k + h_T;
+Scheme. Time is cut into chunks of T steps; G consecutive chunks form a block, and blocks are processed
+one after the other, each from the state the previous one ended in (so memory is bounded by the block,
+not by L). Inside a block, with everything laid out (step, chunk, batch, d_state, d_inner):
+1. decays a_t = exp(delta_t A) and inputs x_t = delta_t B_t u_t for every (step, chunk) at once;
+2. one loop over the T steps, vectorised over the G chunks, gives each chunk's states from a zero start
+   (the first chunk from the block's true start), h_t = a_t h_{t-1} + x_t, together with the running
+   decay products P_t = a_1 ... a_t;
+3. a loop over the G chunks carries the true start states: s_{k+1} = h_T + P_T s_k;
 4. the true states are h_t + P_t s_k, and y_t = <h_t, C_t>.
-Every exponent is delta_t A for a single step, and every other decay is a product of such factors:
-there is no log-space subtraction and no division, so no exp(+large) and no overflow for any L or any
-size of delta*A (decays of any strength underflow to 0, as they do in the reference loop).
+Every exponent is delta_t A of a single step, and every longer decay is a product of such factors: there is
+no log-space difference and no division, so no exp(+large) and no overflow for any L or any size of
+delta*A (strong decays underflow to 0, exactly as in the reference loop).
 
-Backward (a custom autograd.Function) keeps only the block start states, recomputes a block's states,
-runs the adjoint recursion g_t = C_t dy_t + a_{t+1} g_{t+1} the same chunked way in reverse, and reads
-every gradient off (states, adjoints). The chunk size was chosen by measurement (benchmarks/scan_cpu.py).
+Backward (a custom autograd.Function) keeps only the block start states, recomputes each block's states,
+runs the adjoint recursion g_t = C_t dy_t + a_{t+1} g_{t+1} chunked the same way in reverse, and reads every
+gradient off (states, adjoints). CHUNK_SIZE and BLOCK_ELEMENTS were chosen by measurement
+(benchmarks/scan_cpu.py; see BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -33,9 +36,14 @@ LOG2E = 1.4426950408889634
 
 
 def plan(batch: int, d_inner: int, d_state: int, length: int) -> tuple[int, int]:
-    """(T, G): steps per chunk and chunks per block, so that a block's state buffers stay cache-sized."""
-    T = max(1, min(CHUNK_SIZE, length))
-    G = BLOCK_ELEMENTS // (T * batch * d_inner * d_state)
+    """(T, G): steps per chunk and chunks per block, so that a block holds about BLOCK_ELEMENTS states.
+
+    Small (batch * d_inner * d_state): chunks of CHUNK_SIZE steps, many chunks side by side per step.
+    Large: one chunk per block, shortened so that the block's buffers stay within the budget.
+    """
+    per_step = batch * d_inner * d_state
+    T = max(1, min(CHUNK_SIZE, length, BLOCK_ELEMENTS // per_step))
+    G = BLOCK_ELEMENTS // (T * per_step)
     return T, max(1, min(G, math.ceil(length / T)))
 
 

@@ -590,7 +590,9 @@ def score_equipment(detector: RoMDetector, frame: pl.DataFrame, equipment_type: 
     n = len(sensors)
     for k, (idx, pos) in enumerate(segs):
         lead = 0  # unobserved rows before the segment, continuing the carried state across a short gap
-        if k == 0 and model_state is not None:
+        if k > 0:  # after a gap longer than max_gap_steps
+            model_state = None
+        elif model_state is not None:
             lead = int((ts[idx[0]] - carry.scored_until) // grid_us) - 1
             if lead > cfg.max_gap_steps:
                 model_state, lead = None, 0

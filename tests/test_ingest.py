@@ -170,6 +170,21 @@ def test_month_chunks_join_seamlessly(tmp_path):
     assert len({p.parent.name for p in cfg.store.rglob("*.parquet")}) == 31  # one file per UTC day
 
 
+def test_worker_processes_give_the_same_result(tmp_path):
+    rows = [(f"2024-01-{d:02d} {h:02d}:{m:02d}:00", eq, (d * h + m) % 50, 1 + m % 4)
+            for eq in ("P1", "P2", "P3") for d in (30, 31) for h in (0, 23) for m in range(0, 60, 7)]
+    rows += [("2024-02-01 00:03:00", "P2", 1, 1), ("2024-02-01 00:03:00", "P2", 2, 1), ("junk", "P1", 1, 1)]
+    results = {}
+    for workers in (1, 2):
+        cfg = plant(tmp_path / str(workers), max_ffill=3)
+        write_raw(tmp_path / str(workers), "a.csv", wide_csv(rows))
+        r = ingest(cfg, workers=workers)
+        results[workers] = (store(cfg), r.report.quarantined_by_reason, r.report.gaps, r.report.kept,
+                            r.watermark.max_ts)
+    assert results[1][0].equals(results[2][0]) and results[1][1:] == results[2][1:]
+    assert results[2][1] == {"conflicting_duplicate": 2, "bad_timestamp": 1}
+
+
 @pytest.mark.parametrize("policy,expected_utc,quarantined", [
     # Europe/Berlin, 2024-10-27: 02:00-02:59 local happens twice (CEST = UTC+2, then CET = UTC+1)
     ("infer", [(0, 30), (0, 45), (1, 15), (1, 30), (2, 0)], {}),

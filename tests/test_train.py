@@ -13,7 +13,7 @@ import torch
 
 from pipelines.config import EquipmentType, SensorConfig
 from pipelines.detector import RoMDetector
-from pipelines.ingest.store import partition_file, store_schema, write_atomic
+from pipelines.ingest.store import partition_file, store_schema
 from pipelines.thresholds import fit_threshold
 from pipelines.train import (
     CHECKPOINT_FILE,
@@ -207,7 +207,9 @@ def write_store(root, etype: EquipmentType, eq: str, start: datetime, minutes: i
                        "a__missing": t % 50 == 7, "b__missing": np.zeros(minutes, dtype=bool)})
     df = df.with_columns(pl.col("timestamp").dt.cast_time_unit("us")).select(list(store_schema(etype)))
     for (day,), part in df.group_by(pl.col("timestamp").dt.date(), maintain_order=True):
-        write_atomic(part, partition_file(root, etype.name, eq, day))
+        path = partition_file(root, etype.name, eq, day)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        part.write_parquet(path)
     return df
 
 

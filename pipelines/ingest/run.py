@@ -9,15 +9,18 @@ as they were. Re-running a batch that was committed but not recorded rewrites id
 from __future__ import annotations
 
 import itertools
+import multiprocessing
 import os
 import shutil
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
+from datetime import datetime
 from pathlib import Path
 
 import polars as pl
 
-from pipelines.config import PlantConfig, SourceConfig
+from pipelines.config import EquipmentType, PlantConfig, SourceConfig
 from pipelines.ingest.align import EquipmentOutcome, process_equipment
 from pipelines.ingest.quality import RowReason
 from pipelines.ingest.readers import REJECTED, StagedFile, fetch_lines, fetch_parquet_rows, stage_file
@@ -39,8 +42,12 @@ class SourceResult:
 
 def ingest_source(cfg: PlantConfig, src: SourceConfig, watermark: SourceWatermark | None = None, *,
                   plans: list[FilePlan] | None = None, run_id: str = "run",
-                  progress: Callable[[Path], None] | None = None, full: bool = False) -> SourceResult:
-    """Ingest the new and changed files of one source into the store; return report and new watermark."""
+                  progress: Callable[[Path], None] | None = None, full: bool = False,
+                  workers: int | None = None) -> SourceResult:
+    """Ingest the new and changed files of one source into the store; return report and new watermark.
+
+    ``workers``: processes for stage B (default: one per core for batches of 64 MB staged or more).
+    """
     etype = cfg.equipment_types[src.equipment_type]
     wm = watermark or SourceWatermark(src.name)
     plans = plans if plans is not None else plan_source(src, wm, full=full)
@@ -84,38 +91,29 @@ def ingest_source(cfg: PlantConfig, src: SourceConfig, watermark: SourceWatermar
             .filter(pl.col("_reason") != "blank").collect()
         ] if rejected else []
 
-        # stage B, one equipment-month at a time in time order; each month's output is the next one's context
+        # stage B: per equipment, one month at a time in time order (each month's output is the next one's
+        # context); equipment are independent, so big batches spread them over worker processes
+        jobs = [_EquipmentJob(eq, i, [(m, [str(d) for d in chunks[eq][m]]) for m in sorted(chunks[eq])],
+                              wm.max_ts.get(eq), src, etype, cfg.store, staging / "out")
+                for i, eq in enumerate(sorted(chunks))]
+        n_workers = _workers(workers, jobs, staged)
+        if n_workers > 1:
+            results = _run_parallel(jobs, n_workers)
+        else:
+            results = [_run_equipment(job) for job in jobs]
         outputs: dict[Path, tuple[Path, int]] = {}  # final store file -> (staged file, rows)
-        pending: dict = {}
-        serial = itertools.count()
         per_file: list[pl.DataFrame] = []
-        unobserved: dict[str, set[str]] = {}
-        for eq in sorted(chunks):
-            mark = wm.max_ts.get(eq)
-            for month in sorted(chunks[eq]):
-                df = pl.scan_parquet([str(d / "*.parquet") for d in chunks[eq][month]]).collect()
-                try:
-                    outcome = process_equipment(df, src, etype, eq, mark, cfg.store, pending)
-                except pl.exceptions.PolarsError as exc:
-                    raise ValueError(f"source {src.name!r}, equipment {eq!r}: {str(exc).splitlines()[0]}") from exc
-                del df
-                for day, part in outcome.days.items():
-                    final = partition_file(cfg.store, etype.name, eq, day)
-                    tmp = staging / "out" / f"{next(serial)}.parquet"  # flat: folders are costly to create/remove
-                    part.write_parquet(tmp, compression="zstd", compression_level=1, statistics=True)
-                    outputs[final] = (tmp, part.height)
-                    pending[(eq, day)] = tmp
-                outcome.days.clear()
+        for job, res in zip(jobs, results):
+            outputs.update(res.outputs)
+            for outcome in res.outcomes:
                 _add_outcome(report, outcome)
                 quarantine.append(outcome.quarantined)
                 per_file.append(outcome.per_file)
-                unobserved[eq] = unobserved.get(eq, set(outcome.unobserved_sensors)) & set(outcome.unobserved_sensors)
-                if outcome.max_ts is not None:
-                    mark = outcome.max_ts if mark is None else max(mark, outcome.max_ts)
-            if mark is not None:
-                max_ts[eq] = mark
-        report.equipment = sorted(chunks)
-        report.unobserved_sensors = {eq: [s for s in etype.sensor_names if s in u] for eq, u in unobserved.items() if u}
+            if res.unobserved:
+                report.unobserved_sensors[job.equipment] = [s for s in etype.sensor_names if s in res.unobserved]
+            if res.mark is not None:
+                max_ts[job.equipment] = res.mark
+        report.equipment = [job.equipment for job in jobs]
         report.grid_rows_written = sum(rows for _, rows in outputs.values())
 
         q = _quarantine_frame(src, to_read, quarantine)
@@ -145,6 +143,85 @@ def ingest_source(cfg: PlantConfig, src: SourceConfig, watermark: SourceWatermar
     for info, plan in zip(staged, to_read):
         files[plan.state.path] = replace(plan.state, lines=info.lines_read)
     return SourceResult(report, SourceWatermark(src.name, files, max_ts))
+
+
+PARALLEL_MIN_BYTES = 64 << 20  # staged data below this is processed in this process (workers cost ~1 s)
+
+
+@dataclass
+class _EquipmentJob:
+    equipment: str
+    index: int
+    months: list[tuple[int, list[str]]]  # month number -> staged folders
+    mark: datetime | None  # the equipment's watermark
+    src: SourceConfig
+    etype: EquipmentType
+    store: Path
+    out_dir: Path
+
+
+@dataclass
+class _EquipmentResult:
+    outputs: dict[Path, tuple[Path, int]]  # final store file -> (staged file, rows)
+    outcomes: list[EquipmentOutcome]
+    mark: datetime | None
+    unobserved: set[str]
+
+
+def _run_equipment(job: _EquipmentJob) -> _EquipmentResult:
+    """Stage B for all months of one equipment; writes its store files under ``job.out_dir``."""
+    pending: dict = {}
+    outputs: dict[Path, tuple[Path, int]] = {}
+    outcomes: list[EquipmentOutcome] = []
+    unobserved: set[str] | None = None
+    mark = job.mark
+    serial = itertools.count()
+    for _, folders in job.months:
+        df = pl.scan_parquet([f"{d}/*.parquet" for d in folders]).collect()
+        try:
+            outcome = process_equipment(df, job.src, job.etype, job.equipment, mark, job.store, pending)
+        except pl.exceptions.PolarsError as exc:
+            raise ValueError(f"source {job.src.name!r}, equipment {job.equipment!r}: "
+                             f"{str(exc).splitlines()[0]}") from exc
+        del df
+        for day, part in outcome.days.items():
+            final = partition_file(job.store, job.etype.name, job.equipment, day)
+            tmp = job.out_dir / f"{job.index}-{next(serial)}.parquet"  # flat: folders are costly to create/remove
+            part.write_parquet(tmp, compression="zstd", compression_level=1, statistics=True)
+            outputs[final] = (tmp, part.height)
+            pending[(job.equipment, day)] = tmp
+        outcome.days.clear()
+        outcomes.append(outcome)
+        unobserved = set(outcome.unobserved_sensors) if unobserved is None else unobserved & set(
+            outcome.unobserved_sensors)
+        if outcome.max_ts is not None:
+            mark = outcome.max_ts if mark is None else max(mark, outcome.max_ts)
+    return _EquipmentResult(outputs, outcomes, mark, unobserved or set())
+
+
+def _workers(requested: int | None, jobs: list[_EquipmentJob], staged: list[StagedFile]) -> int:
+    if requested is not None:
+        return max(1, min(requested, len(jobs)))
+    size = sum(f.stat().st_size for info in staged for f in info.dir.rglob("*.parquet"))
+    if size < PARALLEL_MIN_BYTES or len(jobs) < 2:
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, len(jobs)))
+
+
+def _run_parallel(jobs: list[_EquipmentJob], n_workers: int) -> list[_EquipmentResult]:
+    """Equipment jobs in ``n_workers`` fresh processes (spawned: a fork would copy polars' thread pool
+    state), each with one polars thread, as the processes already share the cores."""
+    saved = os.environ.get("POLARS_MAX_THREADS")
+    os.environ["POLARS_MAX_THREADS"] = "1"  # read by the children when they import polars
+    try:
+        with ProcessPoolExecutor(n_workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return list(pool.map(_run_equipment, jobs))
+    finally:
+        if saved is None:
+            os.environ.pop("POLARS_MAX_THREADS", None)
+        else:
+            os.environ["POLARS_MAX_THREADS"] = saved
 
 
 def _check_batch(src: SourceConfig, sensors: list[str], full_files: list[StagedFile], required: list[str]) -> None:
