@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
     from pipelines.config import PlantConfig
     from pipelines.detector import RoMDetector
+    from pipelines.score import ScoreConfig
 
 # (model name, tracking URI) -> (detector, version); the default asks the registry for the champion
 ModelLoader = Callable[[str, str], tuple["RoMDetector", str]]
@@ -192,7 +193,7 @@ def score_plant(plant: PlantConfig, since: datetime | None = None, equipment: st
     return report
 
 
-def _score_one(plant: PlantConfig, engine: Engine, detector: RoMDetector, name: str, version: str, cfg: Any,
+def _score_one(plant: PlantConfig, engine: Engine, detector: RoMDetector, name: str, version: str, cfg: ScoreConfig,
                etype: str, eq: str, first: date, last: date, since: datetime | None, run_id: str,
                outcome: EquipmentOutcome) -> None:
     """Score one equipment window by window; each window is committed with the state it ends in."""
@@ -230,7 +231,7 @@ def _score_one(plant: PlantConfig, engine: Engine, detector: RoMDetector, name: 
         if read_from is not None and state is None:
             frame = frame.filter(pl.col(TS) >= read_from)
         out = score_equipment(detector, frame, etype, eq, cfg, state=state, report_from=report_from, grid=grid,
-                              require_history=end == last)
+                              final=end == last)
         day = end + timedelta(days=1)
         if out.report["rows_new"] == 0:
             continue

@@ -177,11 +177,11 @@ def _bench_source(meta: dict, layout: str, file: str, out: Path):
     return cfg, src
 
 
-def worker_ours(meta: dict, layout: str, file: str, out: Path) -> dict:
+def worker_ours(meta: dict, layout: str, file: str, out: Path, workers: int | None = None) -> dict:
     from pipelines.ingest import ingest_source
 
     cfg, src = _bench_source(meta, layout, file, out)
-    result = ingest_source(cfg, src, run_id="bench")
+    result = ingest_source(cfg, src, run_id="bench", workers=workers)
     r = result.report
     r.check()
     return {"rows_in": r.rows_in, "kept": r.kept, "deduplicated": r.deduplicated, "quarantined": r.quarantined,
@@ -288,6 +288,50 @@ def worker_pandas(meta: dict, layout: str, file: str, out: Path) -> dict:
     return {"rows_in": rows_in, "kept": kept, **counts}
 
 
+class _RssSampler:
+    """Peak of (this process + its child processes) resident memory, sampled from /proc every 0.2 s: the
+    stage-B worker processes are spawned, and ru_maxrss of a fork carries the parent's size over."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peak_kb = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _rss_kb(pid: int | str) -> int:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS"):
+                    return int(line.split()[1])
+        except OSError:
+            pass
+        return 0
+
+    def _children(self) -> list[str]:
+        out = []
+        for task in Path("/proc/self/task").glob("*/children"):
+            try:
+                out += task.read_text().split()
+            except OSError:
+                pass
+        return out
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            total = self._rss_kb("self") + sum(self._rss_kb(c) for c in self._children())
+            self.peak_kb = max(self.peak_kb, total)
+
+    def __enter__(self) -> _RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def _vm_hwm_mb() -> float | None:
     """Peak RSS of this process image from /proc (a cross-check of ru_maxrss, which Linux carries over
     from the parent's memory at fork; the parent here stays small, so both agree)."""
@@ -303,29 +347,37 @@ def _worker_main(args: argparse.Namespace) -> None:
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    t0, r0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
-    fn = worker_ours if args.worker == "ours" else worker_pandas
-    result = fn(meta, args.layout, args.file, out)
-    r1 = resource.getrusage(resource.RUSAGE_SELF)
-    result.update(seconds=time.perf_counter() - t0, cpu=(r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime),
-                  peak_rss_mb=r1.ru_maxrss / 1024, hwm_mb=_vm_hwm_mb())  # Linux: KiB
+    t0 = time.perf_counter()
+    r0 = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    with _RssSampler() as sampler:
+        if args.worker == "ours":
+            result = worker_ours(meta, args.layout, args.file, out, args.stage_b_workers)
+        else:
+            result = worker_pandas(meta, args.layout, args.file, out)
+    r1 = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    cpu = sum((b.ru_utime + b.ru_stime) - (a.ru_utime + a.ru_stime) for a, b in zip(r0, r1))
+    # ru_maxrss in KiB (Linux): this process; total = sampled peak of this process plus its workers
+    result.update(seconds=time.perf_counter() - t0, cpu=cpu, peak_rss_mb=r1[0].ru_maxrss / 1024,
+                  total_rss_mb=max(sampler.peak_kb, r1[0].ru_maxrss) / 1024, hwm_mb=_vm_hwm_mb(),
+                  stage_b_workers=args.stage_b_workers)
     print("RESULT " + json.dumps(result), flush=True)
     shutil.rmtree(out, ignore_errors=True)
 
 
-def run_worker(worker: str, layout: str, file: str, meta_path: Path, work: Path) -> dict:
+def run_worker(worker: str, layout: str, file: str, meta_path: Path, work: Path, stage_b: int | None = None) -> dict:
     cmd = [sys.executable, __file__, "--worker", worker, "--layout", layout, "--file", file, "--meta", str(meta_path),
-           "--out", str(work / f"{worker}-{layout}")]
+           "--out", str(work / f"{worker}-{layout}")] + (["--stage-b-workers", str(stage_b)] if stage_b else [])
     print(f"... {worker} {layout} {Path(file).name}", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if proc.returncode != 0 or line is None:
         raise RuntimeError(f"{worker} {layout} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     result = json.loads(line[len("RESULT "):])
-    result.update(worker=worker, layout=layout, file=file, mb=Path(file).stat().st_size / 1e6)
+    name = worker if worker == "pandas" else ("ours, 1 process" if stage_b == 1 else "ours")
+    result.update(worker=name, layout=layout, file=file, mb=Path(file).stat().st_size / 1e6)
     print(f"    {result['seconds']:.1f} s (CPU {result['cpu']:.1f} s), {result['rows_in'] / result['seconds']:,.0f} "
-          f"rows/s, peak RSS {result['peak_rss_mb']:,.0f} MB (VmHWM {result['hwm_mb'] or 0:,.0f} MB)",
-          file=sys.stderr, flush=True)
+          f"rows/s, peak RSS {result['peak_rss_mb']:,.0f} MB (VmHWM {result['hwm_mb'] or 0:,.0f} MB, with "
+          f"workers {result['total_rss_mb']:,.0f} MB)", file=sys.stderr, flush=True)
     return result
 
 
@@ -360,24 +412,26 @@ def render(results: list[dict], meta: dict, load: tuple[float, float]) -> str:
         f"Hardware: {hardware()}; polars {pl.__version__}, pandas {pd.__version__}. Load average (1 min) "
         f"before / after: {load[0]:.1f} / {load[1]:.1f} (a shared machine: wall times include other work).",
         f"Data: {meta['maker']}; pump logs at 1 min, wide = one row per unit and minute, long = one row per "
-        "reading. Each run is a fresh process; peak RSS = ru_maxrss.",
+        "reading. Each run is a fresh process; peak RSS = its ru_maxrss; with workers = the sampled peak of it plus "
+        "the stage-B worker processes it spawns (one per core); CPU s includes the workers.",
         "",
-        "| implementation | layout | file | MB | rows in | wall s | CPU s | rows/s | MB/s | peak RSS MB |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| implementation | layout | file | MB | rows in | wall s | CPU s | rows/s | MB/s | peak RSS MB |"
+        " with workers MB |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         lines.append(f"| {r['worker']} | {r['layout']} | {Path(r['file']).name} | {r['mb']:,.0f} | "
                      f"{r['rows_in']:,} | {r['seconds']:.1f} | {r['cpu']:.1f} | "
                      f"{r['rows_in'] / r['seconds']:,.0f} | {r['mb'] / r['seconds']:.1f} | "
-                     f"{r['peak_rss_mb']:,.0f} |")
+                     f"{r['peak_rss_mb']:,.0f} | {r['total_rss_mb']:,.0f} |")
     lines.append("")
-    by = {(r["worker"], Path(r["file"]).name): r for r in results}
+    by = {(r["worker"], Path(r["file"]).name): r for r in results}  # "ours" = the default (a process per core)
     for name in ("wide.csv", "long_prefix.csv"):
         ours, pand = by.get(("ours", name)), by.get(("pandas", name))
         if ours and pand:
             lines.append(f"- {name}: ours {pand['seconds'] / ours['seconds']:.1f}x pandas' throughput (wall), "
-                         f"{pand['cpu'] / ours['cpu']:.1f}x less CPU time; peak RSS {ours['peak_rss_mb']:,.0f} MB vs "
-                         f"{pand['peak_rss_mb']:,.0f} MB. Same counts: kept {ours['kept']:,} vs {pand['kept']:,}.")
+                         f"{pand['cpu'] / ours['cpu']:.1f}x less CPU time; peak RSS {ours['total_rss_mb']:,.0f} MB "
+                         f"vs {pand['total_rss_mb']:,.0f} MB. Same counts: kept {ours['kept']:,} vs {pand['kept']:,}.")
     lines.append("- Targets: >= 5x pandas' throughput; peak RSS under 2 GB on the ~1 GB wide file.")
     return "\n".join(lines)
 
@@ -408,6 +462,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--file", help=argparse.SUPPRESS)
     p.add_argument("--meta", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
+    p.add_argument("--stage-b-workers", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.prepare:
@@ -424,14 +479,15 @@ def main(argv: list[str] | None = None) -> None:
                    check=True)
     meta = json.loads(meta_path.read_text())
     work = a.data / "runs"
-    runs = [("ours", "wide", meta["wide"]), ("pandas", "wide", meta["wide"]),
-            ("ours", "long", meta["long_prefix"]), ("pandas", "long", meta["long_prefix"]),
-            ("ours", "long", meta["long"])]
+    runs = [("ours", "wide", meta["wide"], None), ("ours", "wide", meta["wide"], 1),
+            ("pandas", "wide", meta["wide"], None),
+            ("ours", "long", meta["long_prefix"], None), ("pandas", "long", meta["long_prefix"], None),
+            ("ours", "long", meta["long"], None)]
     results = []
-    for worker, layout, file in runs:
+    for worker, layout, file, stage_b in runs:
         if (a.skip_pandas and worker == "pandas") or (a.skip_long_full and file == meta["long"]):
             continue
-        results.append(run_worker(worker, layout, file, meta_path, work))
+        results.append(run_worker(worker, layout, file, meta_path, work, stage_b))
     (a.data / "results.json").write_text(json.dumps(results, indent=2))
     body = render(results, meta, (load0, os.getloadavg()[0]))
     print(body)

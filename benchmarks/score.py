@@ -57,6 +57,15 @@ def hardware(device: str) -> str:
             f"{platform.python_version()}")
 
 
+def rss_now_mb() -> float:
+    """Current resident set size (VmRSS) in MB; NaN where /proc is not available."""
+    try:
+        found = re.search(r"^VmRSS:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+        return int(found.group(1)) / 1024 if found else float("nan")
+    except OSError:
+        return float("nan")
+
+
 def load_average() -> str:
     try:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -135,6 +144,7 @@ def child(args: argparse.Namespace) -> dict:
         "length": args.length, "steps": steps, "scored_steps": scored, "flagged_steps": flagged,
         "seconds": wall, "model_seconds": model_s, "steps_per_s": steps / model_s,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_after_warmup_mb": rss_before,
+        "rss_end_mb": rss_now_mb(),
         "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
         "polars_imported": "polars" in sys.modules, "mlflow_imported": "mlflow" in sys.modules,
         "sqlalchemy_imported": "sqlalchemy" in sys.modules, "load_average": load_average(),
@@ -193,12 +203,13 @@ def render(results: list[dict], note: str = "") -> str:
                   f"d_state {m['d_state']}: {m['params_total']:,} parameters ({m['params_active']:,} active per "
                   f"step); {r['sensors']} sensors; chunk_len {r['chunk_len']}, fed {r['feed']:,} steps at a time. "
                   f"{r['date']}; load average at start {r['load_average_start']}.", "",
-                  "| log length (steps) | seconds | steps/s | peak RSS (MB) | RSS after warm-up (MB) | "
-                  "peak GPU memory (MB) |", "|---:|---:|---:|---:|---:|---:|"]
+                  "| log length (steps) | seconds | steps/s | peak RSS (MB) | peak RSS after warm-up (MB) | "
+                  "RSS at end (MB) | peak GPU memory (MB) |", "|---:|---:|---:|---:|---:|---:|---:|"]
         for run in r["runs"]:
             gpu = f"{run['cuda_peak_mb']:.0f}" if run.get("cuda_peak_mb") is not None else "-"
             lines.append(f"| {run['length']:,} | {run['seconds']:,.1f} | {run['steps_per_s']:,.0f} | "
-                         f"{run['peak_rss_mb']:,.0f} | {run['rss_after_warmup_mb']:,.0f} | {gpu} |")
+                         f"{run['peak_rss_mb']:,.0f} | {run['rss_after_warmup_mb']:,.0f} | "
+                         f"{run.get('rss_end_mb', float('nan')):,.0f} | {gpu} |")
         if r.get("note"):
             lines += ["", r["note"]]
         lines.append("")

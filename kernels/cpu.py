@@ -5,7 +5,7 @@ B, C: (batch, d_state, L); D, delta_bias: (d_inner,); state: (batch, d_inner, d_
 
 Scheme. Time is cut into chunks of T steps; G consecutive chunks form a block, and blocks are processed
 one after the other, each from the state the previous one ended in (so memory is bounded by the block,
-not by L). Inside a block, with everything laid out (step, chunk, batch, d_state, d_inner):
+not by L). Inside a block, with everything laid out (chunk, step, batch, d_state, d_inner):
 1. decays a_t = exp(delta_t A) and inputs x_t = delta_t B_t u_t for every (step, chunk) at once;
 2. one loop over the T steps, vectorised over the G chunks, gives each chunk's states from a zero start
    (the first chunk from the block's true start), h_t = a_t h_{t-1} + x_t, together with the running
@@ -31,7 +31,7 @@ import torch
 from kernels.reference import compute_dtype, finish_output, prepare_delta
 
 CHUNK_SIZE = 32          # T: steps per chunk (length of the sequential inner loop)
-BLOCK_ELEMENTS = 1 << 20  # target number of state elements (T * batch * G * d_state * d_inner) per block
+BLOCK_ELEMENTS = 1 << 19  # target number of states (batch * d_inner * d_state * T * G) per block (2 MiB in fp32)
 LOG2E = 1.4426950408889634
 
 
@@ -68,43 +68,39 @@ def _channel_major(x: torch.Tensor, L: int) -> torch.Tensor:
 
 
 def _block(x: torch.Tensor, s: int, e: int, T: int) -> torch.Tensor:
-    """Rows [s, e) of a time-major (length, b, c) tensor as a contiguous (T, g, b, c): step, chunk, batch, channel."""
-    return x[s:e].view((e - s) // T, T, *x.shape[1:]).transpose(0, 1).contiguous()
-
-
-def _unblock(xb: torch.Tensor, out: torch.Tensor, s: int, e: int) -> None:
-    """Write a (T, g, b, c) block back into rows [s, e) of the time-major ``out``."""
-    out[s:e].view(xb.shape[1], xb.shape[0], *xb.shape[2:]).copy_(xb.transpose(0, 1))
+    """Rows [s, e) of a time-major (length, b, c) tensor as a (g, T, b, c) view: chunk, step, batch, channel."""
+    return x[s:e].view((e - s) // T, T, *x.shape[1:])
 
 
 class _Workspace:
-    """Buffers of one block (T steps, g chunks) and their per-step views, made once and reused by every block.
+    """Buffers of one block (g chunks of T steps) and their per-step views, made once and reused by every block.
 
-    dA (T, g, b, n, d): decays; HP (2, T, g, b, n, d): states and running decay products, stepped together;
+    dA (g, T, b, n, d): decays; HP (2, g, T, b, n, d): states and running decay products, stepped together;
     GR (same, backward only): adjoints and reverse decay products. The views are kept because building them
     in the step loops costs as much as the arithmetic at these sizes.
     """
 
     def __init__(self, T: int, g: int, b: int, n: int, d: int, like: torch.Tensor, backward: bool) -> None:
         self.T, self.g = T, g
-        self.dA = like.new_empty(T, g, b, n, d)
-        self.HP = like.new_empty(2, T, g, b, n, d)
+        self.dA = like.new_empty(g, T, b, n, d)
+        self.HP = like.new_empty(2, g, T, b, n, d)
         self.hs = like.new_empty(g + 1, b, n, d)
-        self.dA_t, self.HP_t, self.H_t = self.dA.unbind(0), self.HP.unbind(1), self.HP[0].unbind(0)
-        self.hs_k, self.H_end, self.P_end = self.hs.unbind(0), self.HP[0, T - 1].unbind(0), self.HP[1, T - 1].unbind(0)
+        self.dA_t, self.HP_t, self.H_t = self.dA.unbind(1), self.HP.unbind(2), self.HP[0].unbind(1)
+        self.hs_k = self.hs.unbind(0)
+        self.H_end, self.P_end = self.HP[0, :, T - 1].unbind(0), self.HP[1, :, T - 1].unbind(0)
         if backward:
-            self.GR = like.new_empty(2, T, g, b, n, d)
+            self.GR = like.new_empty(2, g, T, b, n, d)
             self.lams = like.new_empty(g, b, n, d)
-            self.GR_t, self.G_t = self.GR.unbind(1), self.GR[0].unbind(0)
-            self.lam_k, self.dA_first = self.lams.unbind(0), self.dA[0].unbind(0)
-            self.G_first, self.R_first = self.GR[0, 0].unbind(0), self.GR[1, 0].unbind(0)
+            self.GR_t, self.G_t = self.GR.unbind(2), self.GR[0].unbind(1)
+            self.lam_k, self.dA_first = self.lams.unbind(0), self.dA[:, 0].unbind(0)
+            self.G_first, self.R_first = self.GR[0, :, 0].unbind(0), self.GR[1, :, 0].unbind(0)
 
 
 def _block_states(ws: _Workspace, dlb: torch.Tensor, ub: torch.Tensor, Bb: torch.Tensor, At2: torch.Tensor,
                   h_start: torch.Tensor) -> torch.Tensor:
     """Decays, true states and running decay products of one block, into the workspace.
 
-    dlb, ub: (T, g, b, d); Bb: (T, g, b, n); At2: (n, d) = A^T log2(e); h_start: (b, n, d), the state before
+    dlb, ub: (g, T, b, d); Bb: (g, T, b, n); At2: (n, d) = A^T log2(e); h_start: (b, n, d), the state before
     the block. Fills ws.dA with exp(delta A), ws.HP[0] with the states and ws.HP[1] with the running
     products P_t = a_1 ... a_t of each chunk. Returns the chunk start states ws.hs (g + 1, b, n, d); the last
     one is the state at the end of the block.
@@ -123,8 +119,8 @@ def _block_states(ws: _Workspace, dlb: torch.Tensor, ub: torch.Tensor, Bb: torch
             H_t[t].addcmul_(dA_t[t], H_t[t - 1])
         ws.hs_k[1].copy_(ws.H_end[0])
         return ws.hs
-    P[0] = dA[0]
-    P[1:].zero_()
+    P[:, 0] = dA[:, 0]
+    P[:, 1:].zero_()
     HP_t, dA_t = ws.HP_t, ws.dA_t
     for t in range(1, T):  # h_t = a_t h_{t-1} + x_t and P_t = a_t P_{t-1}: one op, all chunks at once
         HP_t[t].addcmul_(dA_t[t], HP_t[t - 1])
@@ -132,14 +128,14 @@ def _block_states(ws: _Workspace, dlb: torch.Tensor, ub: torch.Tensor, Bb: torch
     hs_k[1].copy_(H_end[0])
     for k in range(1, g):  # carry the true start state across the chunks of the block
         torch.addcmul(H_end[k], P_end[k], hs_k[k], out=hs_k[k + 1])
-    H[:, 1:].addcmul_(P[:, 1:], ws.hs[1:g])
+    H[1:].addcmul_(P[1:], ws.hs[1:g].unsqueeze(1))
     return ws.hs
 
 
 def _block_adjoints(ws: _Workspace, gyb: torch.Tensor, Cb: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     """Adjoints g_t = dL/dh_t of one block, into ws.GR[0]; ws.dA must hold the block's decays.
 
-    gyb: (T, g, b, d); Cb: (T, g, b, n); lam: (b, n, d), the adjoint at the end of the block (from later
+    gyb: (g, T, b, d); Cb: (g, T, b, n); lam: (b, n, d), the adjoint at the end of the block (from later
     blocks and the final state's gradient). g_t = C_t dy_t + a_{t+1} g_{t+1}, chunked like the states: from
     a zero end per chunk with reverse products R_t = a_{t+1} ... a_T (in ws.GR[1]), then corrected.
     Returns the adjoint before the block, a_1 g_1 (b, n, d).
@@ -147,15 +143,15 @@ def _block_adjoints(ws: _Workspace, gyb: torch.Tensor, Cb: torch.Tensor, lam: to
     T, g = ws.T, ws.g
     Gb, R = ws.GR[0], ws.GR[1]
     torch.mul(gyb.unsqueeze(3), Cb.unsqueeze(4), out=Gb)
-    Gb[T - 1, g - 1].add_(lam)  # the last chunk ends at the true adjoint: it needs no correction
+    Gb[g - 1, T - 1].add_(lam)  # the last chunk ends at the true adjoint: it needs no correction
     dA_t = ws.dA_t
     if g == 1:
         G_t = ws.G_t
         for t in range(T - 2, -1, -1):
             G_t[t].addcmul_(dA_t[t + 1], G_t[t + 1])
         return ws.dA[0, 0] * Gb[0, 0]
-    R[: T - 1].zero_()
-    R[T - 1].fill_(1.0)
+    R[:, : T - 1].zero_()
+    R[:, T - 1].fill_(1.0)
     GR_t = ws.GR_t
     for t in range(T - 2, -1, -1):
         GR_t[t].addcmul_(dA_t[t + 1], GR_t[t + 1])
@@ -163,7 +159,7 @@ def _block_adjoints(ws: _Workspace, gyb: torch.Tensor, Cb: torch.Tensor, lam: to
     torch.mul(dA_first[g - 1], G_first[g - 1], out=lam_k[g - 2])  # adjoint arriving at the end of each chunk
     for k in range(g - 2, 0, -1):
         torch.mul(dA_first[k], torch.addcmul(G_first[k], R_first[k], lam_k[k]), out=lam_k[k - 1])
-    Gb[:, : g - 1].addcmul_(R[:, : g - 1], ws.lams[: g - 1])
+    Gb[: g - 1].addcmul_(R[: g - 1], ws.lams[: g - 1].unsqueeze(1))
     return ws.dA[0, 0] * Gb[0, 0]
 
 
@@ -191,10 +187,8 @@ class _ChunkedScan(torch.autograd.Function):
             if ws is None or ws.g != (e - s) // T:
                 ws = _Workspace(T, (e - s) // T, b, n, d, u, backward=False)
             starts.append(h)
-            Cb = _block(C_, s, e, T)
             hs = _block_states(ws, _block(dl_, s, e, T), _block(u_, s, e, T), _block(B_, s, e, T), At2, h)
-            yb = torch.bmm(Cb.view(-1, 1, n), ws.HP[0].view(-1, n, d))
-            _unblock(yb.view(*Cb.shape[:3], d), y, s, e)
+            torch.bmm(C_[s:e].view(-1, 1, n), ws.HP[0].view(-1, n, d), out=y[s:e].view(-1, 1, d))
             h = hs[-1].clone()
         ctx.save_for_backward(u_, dl_, At, B_, C_, torch.stack(starts))
         ctx.plan = (T, G, L)
@@ -228,17 +222,16 @@ class _ChunkedScan(torch.autograd.Function):
             dA, H, Gb = ws.dA, ws.HP[0], ws.GR[0]
             # Q_t = g_t a_t h_{t-1}: the gradient with respect to (delta_t A)
             Q = torch.mul(Gb, dA, out=ws.HP[1])
-            Q[1:].mul_(H[:-1])
-            Q[0].mul_(hs[:g])
-            ddlb = torch.mul(Q, At, out=ws.GR[1]).sum(3)
+            Q[:, 1:].mul_(H[:, :-1])
+            Q[:, 0].mul_(hs[:g])
+            torch.sum(torch.mul(Q, At, out=ws.GR[1]), 3, out=_block(ddl, s, e, T))
             dAt += Q.mul_(dlb.unsqueeze(3)).sum((0, 1, 2))
             # x_t = delta_t u_t B_t
-            sGB = torch.bmm(Bb.view(-1, 1, n), Gb.view(-1, n, d)).view(T, g, b, d)
-            ddlb.addcmul_(ub, sGB)
-            _unblock(ddlb, ddl, s, e)
-            _unblock(sGB.mul_(dlb), du, s, e)
-            _unblock(torch.mul(Gb, (dlb * ub).unsqueeze(3), out=dA).sum(4), dB, s, e)
-            _unblock(torch.mul(H, gyb.unsqueeze(3), out=Q).sum(4), dC, s, e)
+            sGB = torch.bmm(Bb.reshape(-1, 1, n), Gb.view(-1, n, d)).view(g, T, b, d)
+            _block(ddl, s, e, T).addcmul_(ub, sGB)
+            torch.mul(sGB, dlb, out=_block(du, s, e, T))
+            torch.sum(torch.mul(Gb, (dlb * ub).unsqueeze(3), out=dA), 4, out=_block(dB, s, e, T))
+            torch.sum(torch.mul(H, gyb.unsqueeze(3), out=Q), 4, out=_block(dC, s, e, T))
         return (_channel_major(du, L), _channel_major(ddl, L), dAt.t(), _channel_major(dB, L), _channel_major(dC, L),
                 lam.transpose(1, 2))
 

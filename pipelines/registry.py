@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from pipelines.detector import RoMDetector
     from pipelines.train import TrainResult
 
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # in the working directory; the application passes the plant's URI
 CHALLENGER = "challenger"
 CHAMPION = "champion"
 MODEL_ARTIFACT = "detector"          # name of the logged model inside a run
@@ -143,8 +144,8 @@ def _params(result: TrainResult, extra: Mapping[str, Any] | None) -> dict[str, s
     return {k: str(v) for k, v in out.items()}
 
 
-def log_training(result: TrainResult, *, tracking_uri: str, model_name: str | None, experiment: str | None = None,
-                 artifact_location: str | None = None, run_name: str | None = None,
+def log_training(result: TrainResult, *, model_name: str | None, tracking_uri: str = DEFAULT_TRACKING_URI,
+                 experiment: str | None = None, artifact_location: str | None = None, run_name: str | None = None,
                  params: Mapping[str, Any] | None = None, ingest_report: str | Path | None = None,
                  evaluation: Mapping[str, pl.DataFrame] | None = None, plots: Mapping[str, Any] | None = None,
                  tags: Mapping[str, str] | None = None) -> LoggedRun:
@@ -240,8 +241,8 @@ def _run_metric(client: Any, version: Any, metric: str) -> float | None:
     return float(value) if value is not None and math.isfinite(value) else None
 
 
-def promote(model_name: str, *, tracking_uri: str, metric: str = "val_nll", higher_is_better: bool = False,
-            experiment: str | None = None) -> PromotionDecision:
+def promote(model_name: str, *, tracking_uri: str = DEFAULT_TRACKING_URI, metric: str = "val_nll",
+            higher_is_better: bool = False, experiment: str | None = None) -> PromotionDecision:
     """Move ``champion`` to the ``challenger`` version when it is at least as good on ``metric`` (read from the
     versions' training runs), or when there is no champion yet. Returns the decision; it is also set as tags on
     the challenger version and the registered model, and logged as a run in ``experiment`` (default: the model's
@@ -293,14 +294,14 @@ def model_uri(model_name: str, alias: str = CHAMPION) -> str:
     return f"models:/{model_name}@{alias}"
 
 
-def load_pyfunc(model_name: str, *, tracking_uri: str, alias: str = CHAMPION) -> Any:
+def load_pyfunc(model_name: str, *, tracking_uri: str = DEFAULT_TRACKING_URI, alias: str = CHAMPION) -> Any:
     """The registered model as an MLflow pyfunc (predict on pandas or polars frames)."""
     mlflow = _mlflow(tracking_uri)
     return mlflow.pyfunc.load_model(model_uri(model_name, alias))
 
 
-def load_detector(model_name: str, *, tracking_uri: str, alias: str = CHAMPION, dst: str | Path | None = None
-                  ) -> RoMDetector:
+def load_detector(model_name: str, *, tracking_uri: str = DEFAULT_TRACKING_URI, alias: str = CHAMPION,
+                  dst: str | Path | None = None) -> RoMDetector:
     """The registered `RoMDetector` itself (for streaming scoring with carried state), downloaded to ``dst``."""
     from pipelines.detector import RoMDetector
 
@@ -310,7 +311,7 @@ def load_detector(model_name: str, *, tracking_uri: str, alias: str = CHAMPION, 
     return RoMDetector.load(Path(local) / "artifacts" / "detector")
 
 
-def alias_versions(model_name: str, *, tracking_uri: str) -> dict[str, str]:
+def alias_versions(model_name: str, *, tracking_uri: str = DEFAULT_TRACKING_URI) -> dict[str, str]:
     """{alias: version} of a registered model (empty when it is not registered)."""
     client = _client(tracking_uri)
     found = client.search_registered_models(filter_string=f"name = '{model_name}'")

@@ -509,18 +509,19 @@ def _segments(ts: np.ndarray, grid_us: int, max_gap: int) -> list[tuple[np.ndarr
 def score_equipment(detector: RoMDetector, frame: pl.DataFrame, equipment_type: str, equipment: str,
                     cfg: ScoreConfig | None = None, *, state: bytes | None = None,
                     scored_until: datetime | None = None, report_from: datetime | None = None,
-                    grid: timedelta | None = None, require_history: bool = True) -> ScoreOutput:
+                    grid: timedelta | None = None, final: bool = True) -> ScoreOutput:
     """Score the rows of ``frame`` after the saved state's last timestamp.
 
     frame: one equipment's store rows (``timestamp``, the type's sensors, ``<sensor>__missing``), any order; rows
     at or before ``scored_until`` are skipped. state: ``ScoreOutput.state`` of the previous call (None: start
     fresh, the first ``cfg.warmup_steps`` steps only warm up); ``scored_until``, when given, must be the state's.
     report_from: steps before it are scored (they advance the state) but not reported. grid: the store's grid
-    (default: the state's, else inferred from the frame). require_history: raise when the model has never got past
-    its warm-up (set False while more windows follow).
+    (default: the state's, else inferred from the frame). final: this window ends the data there is (False while
+    more windows follow: an all-missing window is then stepped through, and a short one only warms up).
 
-    Raises `ScoringDataError` (naming the equipment and the problem) on a sensor-set mismatch, an unknown type, a
-    new window with no observed value at all, or too little history to warm the model up.
+    Raises `ScoringDataError` (naming the equipment and the problem) on a sensor-set mismatch or an unknown type;
+    in a final window also when its new rows have no observed value at all, or when the model has never got past
+    its warm-up (too little history).
     """
     import polars as pl
 
@@ -567,7 +568,7 @@ def score_equipment(detector: RoMDetector, frame: pl.DataFrame, equipment_type: 
 
     in_order = len(order) == frame.height and bool((order == np.arange(frame.height)).all())
     values, mask = frame_arrays(frame if in_order else frame[order], sensors)
-    if not mask.any():
+    if final and not mask.any():
         raise ScoringDataError(equipment_type, equipment, "all_missing",
                                f"all {len(ts)} new rows ({_dt(ts[0]).isoformat()} .. {_dt(ts[-1]).isoformat()}) "
                                f"have no observed value of any sensor {sensors}")
@@ -633,7 +634,7 @@ def score_equipment(detector: RoMDetector, frame: pl.DataFrame, equipment_type: 
     report["steps_reported"] = len(w.ts)
     report["flagged_steps"] = int(w.flag.sum())
     carry.reported += len(w.ts)
-    if require_history and carry.reported == 0 and carry.warmup_left > 0:
+    if final and carry.reported == 0 and carry.warmup_left > 0:
         raise ScoringDataError(equipment_type, equipment, "history",
                                f"too little history: {cfg.warmup_steps - carry.warmup_left} steps up to "
                                f"{_dt(carry.scored_until).isoformat()}, the model needs "

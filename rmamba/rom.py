@@ -138,13 +138,13 @@ class RoMMixer(Mixer):
         xz_sorted = expert_matmul(h.index_select(0, d.token_of_slot), self.w_in, d.counts)  # (N*K, 2*d_inner)
         if self.gate_on_all:
             xz_sorted = xz_sorted * d.gate_of_slot[:, None].to(xz_sorted.dtype)
-        return h.new_zeros(h.shape[0], 2 * self.d_inner).index_add_(0, d.token_of_slot, xz_sorted), d
+        return xz_sorted.new_zeros(h.shape[0], 2 * self.d_inner).index_add_(0, d.token_of_slot, xz_sorted), d
 
     def project_out(self, y: Tensor, d: _Dispatch) -> Tensor:
         """y (N, d_inner) -> out (N, d_model) = sum over the token's experts of g * y W_o."""
         o = expert_matmul(y.index_select(0, d.token_of_slot), self.w_out, d.counts)  # (N*K, d_model)
         o = o * d.gate_of_slot[:, None].to(o.dtype)
-        return y.new_zeros(y.shape[0], self.d_model).index_add_(0, d.token_of_slot, o)
+        return o.new_zeros(y.shape[0], self.d_model).index_add_(0, d.token_of_slot, o)
 
     def routing_stats(self, d: _Dispatch, shape: tuple[int, int]) -> RoutingStats:
         n = d.probs.shape[0]

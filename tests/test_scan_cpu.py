@@ -134,7 +134,7 @@ def test_gradcheck_fp64(plan):
         assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
-@settings(max_examples=15, deadline=None, derandomize=True)
+@settings(max_examples=30, deadline=None, derandomize=True)
 @given(shape=shapes, plan=plans, flag=flags, seed=st.integers(0, 2**16))
 def test_grads_match_reference_fp32(shape, plan, flag, seed):
     b, d, n, L = shape

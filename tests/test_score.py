@@ -304,11 +304,13 @@ def test_mismatches_are_named(det):
     with pytest.raises(ScoringDataError, match="all 500 new rows .* have no observed value") as e:
         score_equipment(det, dead, "pump", "P-9", CFG)
     assert e.value.reason == "all_missing"
+    through = score_equipment(det, dead, "pump", "P-9", CFG, final=False)  # more data follows: stepped through
+    assert through.series.height == 500 - 64 and through.series["score"].is_nan().all()
     with pytest.raises(ScoringDataError, match=r"too little history: 40 steps .* warmup_steps=64") as e:
         score_equipment(det, frame.head(40), "pump", "P-9", CFG)
     assert e.value.reason == "history"
     # while more windows follow, a short first window only warms up
-    part = score_equipment(det, frame.head(40), "pump", "P-9", CFG, require_history=False)
+    part = score_equipment(det, frame.head(40), "pump", "P-9", CFG, final=False)
     assert part.series.height == 0 and part.state is not None
     rest = score_equipment(det, frame, "pump", "P-9", CFG, state=part.state)
     assert rest.series["timestamp"][0] == T0 + timedelta(minutes=64)
@@ -338,3 +340,12 @@ def test_stream_score_matches_one_pass(det):
     parts = list(stream_score(det, (v[i:i + 170] for i in range(0, 1000, 170)), "pump", chunk_len=64))
     np.testing.assert_allclose(np.concatenate([p.score for p in parts]), whole.score, rtol=1e-5, atol=1e-5)
     assert np.array_equal(np.concatenate([p.top_experts for p in parts], axis=1), whole.top_experts)
+
+
+def test_a_dense_model_scores_without_experts():
+    torch.manual_seed(0)
+    model = RoMForecaster(RoMConfig(d_model=8, n_layers=1, d_state=4, num_experts=0), {"pump": 3})
+    dense = RoMDetector(model, {"pump": SENSORS}, {"pump": RobustScaler.fit(normal_values(500))}, {"pump": 30.0})
+    out = score_equipment(dense, store_frame(600, anomalies=((400, 10, 1),)), "pump", "P-1", CFG)
+    assert out.expert_usage.height == 0 and out.alerts.height == 1
+    assert out.alerts["experts"].to_list() == [[]] and out.alerts["top_sensors"][0][0]["sensor"] == "b"

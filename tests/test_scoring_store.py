@@ -5,7 +5,7 @@ and `rmamba score` end to end with a champion registered in MLflow."""
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import polars as pl
@@ -304,7 +304,7 @@ equipment_id_column = "equipment_id"
 grid = "1m"
 
 [score]
-chunk_len = 256
+chunk_len = 1024
 warmup_steps = 64
 min_alert_steps = 3
 merge_gap_steps = 5
@@ -443,3 +443,17 @@ def test_cli_scores_with_the_registered_champion(tmp_path, det, capsys):
     assert "since" in capsys.readouterr().out
     assert main(["score", "--config", str(tmp_path / "plant.toml"), "--since", "yesterday"]) == 2
     assert "--since: expected an ISO 8601 time" in capsys.readouterr().err
+
+
+def test_store_index_reads_partition_folders(tmp_path):
+    from app.scoring import store_index
+
+    for eq, day in (("P/2 x", "2026-03-01"), ("P/2 x", "2026-03-04"), ("P-1", "2026-03-02")):
+        path = partition_file(tmp_path, "pump", eq, datetime.fromisoformat(day).date())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+    (tmp_path / "equipment_type=pump" / "equipment=P-1" / "date=not-a-date").mkdir()
+    d = datetime.fromisoformat
+    assert store_index(tmp_path) == [("pump", "P-1", d("2026-03-02").date(), d("2026-03-02").date()),
+                                     ("pump", "P/2 x", d("2026-03-01").date(), d("2026-03-04").date())]
+    assert store_index(tmp_path / "nothing") == []

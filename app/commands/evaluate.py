@@ -11,7 +11,7 @@ from pathlib import Path
 PRESETS = {
     ("skab", False): {"steps": 600, "window": 128, "batch_size": 8, "steps_per_epoch": 25},
     ("skab", True): {"steps": 60, "window": 128, "batch_size": 8, "steps_per_epoch": 20},
-    ("synthetic", False): {"steps": 300, "window": 256, "batch_size": 4, "steps_per_epoch": 50, "days": 14.0},
+    ("synthetic", False): {"steps": 1000, "window": 256, "batch_size": 4, "steps_per_epoch": 100, "days": 14.0},
     ("synthetic", True): {"steps": 40, "window": 128, "batch_size": 4, "steps_per_epoch": 20, "days": 6.0},
 }
 

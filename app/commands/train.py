@@ -73,6 +73,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = replace(cfg, checkpoint_dir=str(ckpt if ckpt.is_absolute() else plant_dir(plant) / ckpt))
     name = model_name(plant, args.name)
 
+    if cfg.train_until is None:
+        print("note: [train] train_until is not set: every ingested reading is used for training and thresholds "
+              "(set it to the end of a period known to be normal)", file=sys.stderr)
     print(f"training on {plant.store} ({resolve_device(cfg.device)}; {cfg.steps} steps, window {cfg.window}, "
           f"batch {cfg.batch_size} per type; checkpoints in {cfg.checkpoint_dir})", file=sys.stderr)
     result = train_from_store(plant, cfg=cfg, resume=args.resume, progress=not args.no_progress)

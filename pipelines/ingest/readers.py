@@ -140,11 +140,19 @@ def scan_bad_lines(path: Path, src: SourceConfig, n_columns: int, skip_lines: in
             line.alias("text"),
         )
     )
-    count = lf.select(pl.len())
-    bad_df, count_df = pl.collect_all([bad, count])
-    bad_df = bad_df.filter(pl.col("line") > 1)  # the header is checked separately
-    n_lines = count_df.item() - (1 if skip_lines == 0 else 0)
-    return bad_df, max(n_lines, 0)
+    bad_df = bad.collect(engine="streaming").filter(pl.col("line") > 1)  # the header is checked apart
+    return bad_df, max(count_lines(path) - max(skip_lines, 1), 0)
+
+
+def count_lines(path: Path) -> int:
+    """Physical lines of a text file, read in chunks (polars' own count maps the whole file into memory)."""
+    n = 0
+    last = b"\n"
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            n += chunk.count(b"\n")
+            last = chunk[-1:]
+    return n + (last != b"\n")
 
 
 # --- frames --------------------------------------------------------------------------------------------
