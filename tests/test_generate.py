@@ -337,7 +337,8 @@ def test_defects_reported(written):
 
 
 def test_plant_toml_follows_the_contract(written, config):
-    assert set(config) == {"plant", "equipment_types", "sources", "model"}
+    assert set(config) == {"plant", "equipment_types", "sources", "model", "train"}
+    assert config["train"]["train_until"] == written.train_end.strftime("%Y-%m-%dT%H:%M:%SZ")
     assert set(config["plant"]) == {"name", "store", "database_url", "mlflow_tracking_uri"}
     assert config["plant"]["store"] == "store" and config["plant"]["database_url"] == "sqlite:///rmamba.db"
     assert set(config["equipment_types"]) == set(EQUIPMENT_TYPES)

@@ -29,7 +29,9 @@ LABELS_FILE = "labels.csv"
 CONFIG_FILE = "plant.toml"
 README_FILE = "README.txt"
 ISO_UTC = "%Y-%m-%dT%H:%M:%SZ"
-MODEL_DEFAULTS = {"d_model": 32, "n_layers": 2, "num_experts": 4, "top_k": 1}
+MODEL_DEFAULTS = {"d_model": 32, "n_layers": 2, "num_experts": 8, "top_k": 1}
+# Demo-sized training (a few minutes on 2 CPU cores); train_until is added per plant (end of the clean period).
+TRAIN_DEFAULTS = {"window": 2048, "batch_size": 2, "steps": 300}
 
 
 @dataclass(frozen=True)
@@ -197,6 +199,8 @@ def render_plant_toml(spec: PlantSpec, sources: tuple[LogSource, ...], train_end
             items.update({"tag_column": "tag", "value_column": "value", "quality_column": "quality"})
         lines += _table("[[sources]]", items)
     lines += _table("[model]", dict(MODEL_DEFAULTS))
+    lines += [f"# Train on the anomaly-free period only (labels start after {train_end.strftime(ISO_UTC)})."]
+    lines += _table("[train]", {**TRAIN_DEFAULTS, "train_until": train_end.strftime(ISO_UTC)})
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
