@@ -22,7 +22,7 @@ test: venv
 	$(VENV)/bin/python -m pytest -q -x --durations=15
 
 demo: venv
-	$(VENV)/bin/rmamba demo
+	$(VENV)/bin/rmamba demo --dir demo_plant
 
 bench-scan: venv
 	$(PY) benchmarks/scan_cpu.py
