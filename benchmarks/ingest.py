@@ -16,6 +16,7 @@ finds stuck runs and gaps, and writes one parquet file per equipment and day. Me
 to a prefix of the long file (same size as the wide file); ours runs on that prefix and on the full file.
 
     .venv/bin/python benchmarks/ingest.py [--size-gb 1.0] [--data DIR] [--skip-pandas] [--no-write]
+    .venv/bin/python benchmarks/ingest.py --render LOAD_BEFORE LOAD_AFTER   # section from the saved results
 
 Writes its table, with the hardware, to BENCHMARKS.md between ``<!-- ingest:start -->`` and
 ``<!-- ingest:end -->`` (other benchmarks own the rest of the file).
@@ -432,7 +433,16 @@ def render(results: list[dict], meta: dict, load: tuple[float, float]) -> str:
             lines.append(f"- {name}: ours {pand['seconds'] / ours['seconds']:.1f}x pandas' throughput (wall), "
                          f"{pand['cpu'] / ours['cpu']:.1f}x less CPU time; peak RSS {ours['total_rss_mb']:,.0f} MB "
                          f"vs {pand['total_rss_mb']:,.0f} MB. Same counts: kept {ours['kept']:,} vs {pand['kept']:,}.")
-    lines.append("- Targets: >= 5x pandas' throughput; peak RSS under 2 GB on the ~1 GB wide file.")
+    ours, pand = by.get(("ours", "wide.csv")), by.get(("pandas", "wide.csv"))
+    if ours and pand:
+        speed, rss = pand["seconds"] / ours["seconds"], ours["total_rss_mb"]
+        lines.append(f"- Targets on the ~1 GB wide file: >= 5x pandas' throughput: "
+                     f"{'met' if speed >= 5 else 'NOT met'} ({speed:.1f}x); peak RSS under 2 GB: "
+                     f"{'met' if rss < 2048 else 'NOT met'} ({rss:,.0f} MB).")
+    lines.append("- Where the time goes: both sides write one parquet file per equipment and UTC day (about 9,500 "
+                 "files per GB of 1-minute logs, each costing a fixed ~1.5 ms of CPU in polars), and our stage A "
+                 "(parse, clean, stage) costs ~17 CPU s per GB of wide CSV; on a loaded 2-core machine the stage-B "
+                 "worker processes (one per core) buy little.")
     return "\n".join(lines)
 
 
@@ -464,7 +474,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--stage-b-workers", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--render", nargs=2, type=float, metavar=("LOAD_BEFORE", "LOAD_AFTER"),
+                   help="rewrite the section from <data>/results.json without running")
     a = p.parse_args(argv)
+    if a.render:
+        meta = json.loads((a.data / "meta.json").read_text())
+        body = render(json.loads((a.data / "results.json").read_text()), meta, tuple(a.render))
+        print(body)
+        if not a.no_write:
+            write_section(a.output, body)
+        return
     if a.prepare:
         make_data(a.data, a.size_gb)
         return
