@@ -37,6 +37,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from _markdown import write_section  # noqa: E402  (sibling module; benchmarks run as scripts)
+
 os.environ.setdefault("RMAMBA_SKIP_INPUT_CHECKS", "1")   # validation syncs the GPU; the checks below are ours
 
 MARK_START, MARK_END = "<!-- scan_gpu:start -->", "<!-- scan_gpu:end -->"
@@ -738,17 +740,6 @@ def render(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_benchmarks_md(section: str, path: Path) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    if MARK_START in text and MARK_END in text:
-        pre, rest = text.split(MARK_START, 1)
-        _, post = rest.split(MARK_END, 1)
-        text = pre + section.rstrip("\n") + post
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
@@ -768,7 +759,7 @@ def main() -> None:
         precompile_worker(json.loads(args.precompile_worker))
         return
     if args.render:
-        write_benchmarks_md(render(json.loads(args.render.read_text())), ROOT / "BENCHMARKS.md")
+        write_section(ROOT / "BENCHMARKS.md", "scan_gpu", render(json.loads(args.render.read_text())))
         return
     t_start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -34,8 +34,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from _markdown import write_section  # noqa: E402  (sibling module; benchmarks run as scripts)
 
-START, END = "<!-- score:start -->", "<!-- score:end -->"
 DEFAULT_MD = ROOT / "BENCHMARKS.md"
 
 
@@ -218,18 +218,6 @@ def render(results: list[dict], note: str = "") -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, body: str) -> None:
-    """Replace the text between the score markers in ``path`` (append the section, or create the file)."""
-    section = f"{START}\n{body.rstrip()}\n{END}"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    path.write_text(text)
-
-
 def _length(text: str) -> int:
     value = float(text)
     if value < 1 or value != int(value):
@@ -275,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     body = render(results)
     print(body)
     if not args.no_write:
-        write_section(args.markdown, body)
+        write_section(args.markdown, "score", body)
         print(f"wrote the score section of {args.markdown}", file=sys.stderr)
 
 
