@@ -6,7 +6,7 @@ log-uniform dt in [1e-3, 1e-1]. Checks that outputs and gradients agree, then ti
 forward+backward (median of repeats) and writes the table, with the hardware, to BENCHMARKS.md between
 ``<!-- scan_cpu:start -->`` and ``<!-- scan_cpu:end -->`` (other benchmarks own the rest of the file).
 
-    .venv/bin/python benchmarks/scan_cpu.py [--length 16384] [--repeats 7] [--ref-repeats 2] [--no-write]
+    .venv/bin/python benchmarks/scan_cpu.py [--length 16384] [--repeats 9] [--ref-repeats 2] [--no-write]
 """
 
 from __future__ import annotations
@@ -100,8 +100,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--d-inner", type=int, default=128)
     p.add_argument("--d-state", type=int, default=16)
     p.add_argument("--length", type=int, default=16384)
-    p.add_argument("--repeats", type=int, default=7, help="timed runs of the cpu backend (median reported)")
-    p.add_argument("--ref-repeats", type=int, default=2, help="timed runs of the slow reference")
+    p.add_argument("--repeats", type=int, default=9, help="timed runs of the cpu backend (median reported)")
+    p.add_argument("--ref-repeats", type=int, default=2, help="timed forward runs of the slow reference")
+    p.add_argument("--ref-bwd-repeats", type=int, default=1,
+                   help="timed forward+backward runs of the reference (minutes each at L=16K: its autograd graph "
+                        "of per-step slices costs O(L^2))")
     p.add_argument("--output", type=Path, default=DEFAULT_OUT)
     p.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     a = p.parse_args(argv)
@@ -111,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[tuple[str, str], list[float]] = {}
     checks: list[str] = []
     for mode, backward in (("forward", False), ("forward+backward", True)):
-        ref = [run("reference", args, backward) for _ in range(a.ref_repeats)]
+        ref = [run("reference", args, backward) for _ in range(a.ref_bwd_repeats if backward else a.ref_repeats)]
         _, y_ref, g_ref = ref[0]
         _, y_cpu, g_cpu = run("cpu", args, backward)  # warm-up (allocator, thread pool), checked before timing
         errs = {"y": max_rel_err(y_cpu, y_ref), **{f"d{k}": max_rel_err(g_cpu[k], g_ref[k]) for k in g_ref}}
@@ -143,7 +146,8 @@ def main(argv: list[str] | None = None) -> None:
         cpu_s = statistics.median(results[("cpu", mode)])
         lines.append(f"| {mode} | {ref_s:.2f} | {cpu_s * 1e3:.1f} | {min(results[('cpu', mode)]) * 1e3:.1f} | "
                      f"{elements / cpu_s / 1e6:.0f} | {ref_s / cpu_s:.1f}x |")
-    lines += ["", f"Repeats: cpu {a.repeats} (after one warm-up), reference {a.ref_repeats}. "
+    lines += ["", f"Repeats: cpu {a.repeats} (after one warm-up), reference {a.ref_repeats} (forward) / "
+              f"{a.ref_bwd_repeats} (forward+backward). "
               "Run: `.venv/bin/python benchmarks/scan_cpu.py`."]
     body = "\n".join(lines)
     print(body)

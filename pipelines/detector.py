@@ -43,9 +43,12 @@ class RobustScaler:
     scale_: np.ndarray   # (n_sensors,)
 
     @classmethod
-    def fit(cls, values: np.ndarray, mask: np.ndarray | None = None, min_scale: float = 1e-6) -> RobustScaler:
+    def fit(cls, values: np.ndarray, mask: np.ndarray | None = None, min_scale: float = 1e-6,
+            std_floor: float = 0.0) -> RobustScaler:
         """values (T, n) with NaN or mask=False where missing. A sensor never observed gets median 0, scale 1.
-        A constant sensor (IQR 0) falls back to its std, then to 1e-3 of its magnitude, then to 1."""
+        A constant sensor (IQR 0) falls back to its std, then to 1e-3 of its magnitude, then to 1.
+        ``std_floor`` > 0 floors the scale at that multiple of the sensor's std: quantised sensors (a value
+        that sits on one level most of the time and steps by a lot) have an IQR far below their real spread."""
         x = _masked(values, mask)
         n = x.shape[1]
         med, scale = np.zeros(n), np.ones(n)
@@ -55,7 +58,7 @@ class RobustScaler:
                 continue
             med[j] = float(np.median(col))
             q75, q25 = np.percentile(col, [75, 25])
-            s = (q75 - q25) / 1.349
+            s = max((q75 - q25) / 1.349, std_floor * float(np.std(col)))
             if not s > min_scale:
                 s = float(np.std(col))
             if not s > min_scale:

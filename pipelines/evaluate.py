@@ -150,9 +150,7 @@ def _series_scaler(x: np.ndarray) -> RobustScaler:
     """Robust scaler of one series' training rows, its scale floored at the sensor's std: SKAB's sensors are
     quantised (flow sits at 32.000-32.004 most of the time and steps by ~1), so the IQR alone can be ~1e-3 of the
     real spread and would turn every normal step into hundreds of sigmas."""
-    sc = RobustScaler.fit(x)
-    sc.scale_ = np.maximum(sc.scale_, np.nanstd(x, axis=0))
-    return sc
+    return RobustScaler.fit(x, std_floor=1.0)
 
 
 def skab_data(path: str | Path, n_train: int = SKAB_TRAIN_ROWS, extra_normal: bool = True,
@@ -182,7 +180,8 @@ def skab_data(path: str | Path, n_train: int = SKAB_TRAIN_ROWS, extra_normal: bo
         free = read_skab_file(root / "anomaly-free" / "anomaly-free.csv").frame.select(SKAB_SENSORS).to_numpy()
         free = free.astype(np.float64)
         extra[SKAB_TYPE] = [_series_scaler(free).transform(free) if series_scaling else free]
-    scaling = "each series robust-scaled on its own training rows" if series_scaling else "raw units"
+    scaling = ("each series scaled by its own training rows: median, max(IQR / 1.349, std)" if series_scaling
+               else "raw units")
     protocol = (f"SKAB valve1, {len(files)} files: train = first {n_train} rows"
                 f"{' + anomaly-free.csv' if extra_normal else ''}, test = the rest; {scaling}")
     return EvalData("skab", series, extra, (), protocol, {"path": str(root), "n_train": n_train,

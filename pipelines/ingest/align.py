@@ -11,7 +11,7 @@ nulls per reason, bucket readings onto the grid (the value at grid time T is the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import polars as pl
@@ -42,7 +42,7 @@ class EquipmentOutcome:
     gap_steps: int = 0
     unobserved_sensors: list[str] = field(default_factory=list)
     max_ts: datetime | None = None
-    days: dict[date, pl.DataFrame] = field(default_factory=dict)  # store files to write
+    result: pl.DataFrame | None = None  # store rows to write (store schema, one file per UTC day)
 
 
 def bucket_expr(ts: pl.Expr, grid: str) -> pl.Expr:
@@ -207,9 +207,20 @@ def _observations(df: pl.DataFrame, src: SourceConfig, etype: EquipmentType, lon
 
 def _stuck(obs: pl.DataFrame, src: SourceConfig, etype: EquipmentType, out: EquipmentOutcome) -> None:
     """Runs of more than N identical consecutive observations of a sensor."""
+    limits = {s.name: (s.stuck_steps if s.stuck_steps is not None else src.stuck_steps) for s in etype.sensors}
+    limits = {k: n for k, n in limits.items() if n > 0}
+    if not limits or not obs.height:
+        return
+    # a run of more than n equal observations is n equalities in a row between neighbours: one cheap query
+    # over all sensors finds the sensors that have one before the per-sensor run search
+    def has_run(name: str, n: int) -> pl.Expr:
+        v = pl.col(name).drop_nulls()
+        return ((v == v.shift(1)).fill_null(False).cast(pl.Int32).rolling_sum(n) >= n).any().alias(name)
+
+    maybe = obs.select(has_run(k, n) for k, n in limits.items()).row(0, named=True)
     for s in etype.sensors:
-        n = s.stuck_steps if s.stuck_steps is not None else src.stuck_steps
-        if n <= 0:
+        n = limits.get(s.name, 0)
+        if n <= 0 or not maybe[s.name]:
             continue
         runs = (
             obs.select(TS, s.name).filter(pl.col(s.name).is_not_null())
@@ -255,9 +266,7 @@ def _align(obs: pl.DataFrame, src: SourceConfig, etype: EquipmentType, equipment
     day0 = datetime.combine(r0.date(), datetime.min.time(), tzinfo=r0.tzinfo)
     kept_old = old.filter((pl.col(TS) < r0) & (pl.col(TS) >= day0)) if old.height else old
     result = pl.concat([kept_old, new_rows.select(store_schema(etype).keys())], how="vertical").sort(TS)
-    for (day,), part in result.with_columns(pl.col(TS).dt.date().alias("_d")).partition_by(
-            "_d", as_dict=True, include_key=False).items():
-        out.days[day] = part
+    out.result = result
     _gaps(merged, b0, src, out)
 
 

@@ -124,6 +124,10 @@ def scan_bad_lines(path: Path, src: SourceConfig, n_columns: int, skip_lines: in
     One streaming pass counting delimiters outside quotes; only the (few) bad lines are collected.
     Returns (frame of line Int64, kind String in {blank, ragged_line, invalid_utf8}, text), n_lines.
     """
+    n_lines = max(count_lines(path) - max(skip_lines, 1), 0)
+    if _all_lines_clean(path, src.delimiter, n_columns, skip_lines):
+        return pl.DataFrame(schema={"line": pl.Int64, "fields": pl.UInt32, "kind": pl.String,
+                                    "text": pl.String}), n_lines
     line = pl.col("line")
     unquoted = pl.when(line.str.contains('"', literal=True)).then(line.str.replace_all(r'"[^"]*"', "")).otherwise(line)
     n_sep = unquoted.str.count_matches(src.delimiter, literal=True)
@@ -141,7 +145,64 @@ def scan_bad_lines(path: Path, src: SourceConfig, n_columns: int, skip_lines: in
         )
     )
     bad_df = bad.collect(engine="streaming").filter(pl.col("line") > 1)  # the header is checked apart
-    return bad_df, max(count_lines(path) - max(skip_lines, 1), 0)
+    return bad_df, n_lines
+
+
+_CLEAN_CHUNK = 1 << 24
+
+
+def _all_lines_clean(path: Path, delimiter: str, n_columns: int, skip_lines: int) -> bool:
+    """Fast path of scan_bad_lines for the common case: True when every data line (after the header and
+    ``skip_lines``) is valid UTF-8 without U+FFFD or quotes and has exactly ``n_columns - 1`` delimiters.
+    Checked per chunk with bytes methods; any doubt (quotes, bad bytes, a blank or ragged line) returns False and
+    the exact polars pass decides."""
+    if len(delimiter) != 1 or not delimiter.isascii() or delimiter in '"\n\r' or n_columns < 2:
+        return False
+    sep = ord(delimiter)
+    drop = bytes(b for b in range(256) if b not in (sep, 10))
+    pattern = delimiter.encode() * (n_columns - 1) + b"\n"
+    skip = max(skip_lines, 1)  # the header is checked apart
+    with open(path, "rb") as fh:
+        rest = b""
+        while True:
+            block = fh.read(_CLEAN_CHUNK)
+            data = rest + block
+            if not block:
+                if not data:
+                    return True
+                if not data.endswith(b"\n"):
+                    data += b"\n"
+                rest = b""
+            else:
+                cut = data.rfind(b"\n") + 1
+                data, rest = data[:cut], data[cut:]
+                if not data:
+                    continue
+            if skip:
+                for _ in range(skip):
+                    i = data.find(b"\n")
+                    if i < 0:
+                        break
+                    data = data[i + 1:]
+                    skip -= 1
+                if skip and not block:
+                    return True
+            if data:
+                if b'"' in data:
+                    return False
+                if not data.isascii():
+                    if b"\xef\xbf\xbd" in data:
+                        return False
+                    try:
+                        data.decode("utf-8")
+                    except UnicodeDecodeError:
+                        return False
+                # the delimiters and newlines, in order, must be (n_columns - 1) delimiters then a newline, repeated
+                marks = data.translate(None, drop)
+                if len(marks) % n_columns or marks != pattern * (len(marks) // n_columns):
+                    return False
+            if not block:
+                return True
 
 
 def count_lines(path: Path) -> int:

@@ -12,13 +12,15 @@ import itertools
 import multiprocessing
 import os
 import shutil
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import date, datetime
 from pathlib import Path
 
 import polars as pl
+from polars.io.partition import FileProviderArgs
 
 from pipelines.config import EquipmentType, PlantConfig, SourceConfig
 from pipelines.ingest.align import EquipmentOutcome, process_equipment
@@ -26,7 +28,7 @@ from pipelines.ingest.quality import RowReason
 from pipelines.ingest.readers import REJECTED, StagedFile, fetch_lines, fetch_parquet_rows, stage_file
 from pipelines.ingest.report import FileReport, SourceReport
 from pipelines.ingest.state import FilePlan, SourceWatermark, plan_source
-from pipelines.ingest.store import partition_file
+from pipelines.ingest.store import TS, partition_file
 
 QUARANTINE_SCHEMA = {"source": pl.String, "file": pl.String, "line": pl.Int64, "reason": pl.String,
                      "raw": pl.String}
@@ -184,19 +186,40 @@ def _run_equipment(job: _EquipmentJob) -> _EquipmentResult:
             raise ValueError(f"source {job.src.name!r}, equipment {job.equipment!r}: "
                              f"{str(exc).splitlines()[0]}") from exc
         del df
-        for day, part in outcome.days.items():
-            final = partition_file(job.store, job.etype.name, job.equipment, day)
-            tmp = job.out_dir / f"{job.index}-{next(serial)}.parquet"  # flat: folders are costly to create/remove
-            part.write_parquet(tmp, compression="zstd", compression_level=1, statistics=True)
-            outputs[final] = (tmp, part.height)
-            pending[(job.equipment, day)] = tmp
-        outcome.days.clear()
+        if outcome.result is not None and outcome.result.height:
+            for day, (tmp, rows) in _write_days(outcome.result, job.out_dir, f"{job.index}-{next(serial)}").items():
+                outputs[partition_file(job.store, job.etype.name, job.equipment, day)] = (tmp, rows)
+                pending[(job.equipment, day)] = tmp
+        outcome.result = None
         outcomes.append(outcome)
         unobserved = set(outcome.unobserved_sensors) if unobserved is None else unobserved & set(
             outcome.unobserved_sensors)
         if outcome.max_ts is not None:
             mark = outcome.max_ts if mark is None else max(mark, outcome.max_ts)
     return _EquipmentResult(outputs, outcomes, mark, unobserved or set())
+
+
+def _write_days(result: pl.DataFrame, out_dir: Path, prefix: str) -> dict[date, tuple[Path, int]]:
+    """Write one file per UTC day of ``result`` (sorted by time) in one native partitioned write, flat under
+    ``out_dir`` (folders are costly to create and remove); returns day -> (file, rows)."""
+    days = result.select(pl.col(TS).dt.date().alias("_d"))["_d"]
+    counts = days.value_counts(sort=False)
+    names: dict[date, Path] = {}
+
+    def provider(args: FileProviderArgs) -> str:
+        day = args.partition_keys.item(0, 0)
+        if args.index_in_partition:  # one file per day is the store layout: never split a day
+            raise ValueError(f"partitioned write split the day {day}")
+        names[day] = out_dir / f"{prefix}-{day.isoformat()}.parquet"
+        return names[day].name
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PartitionBy is marked unstable
+        result.lazy().with_columns(days).sink_parquet(
+            pl.PartitionBy(out_dir, key="_d", include_key=False, file_path_provider=provider,
+                           approximate_bytes_per_file=1 << 62),
+            compression="lz4", statistics=True, mkdir=True)
+    return {d: (names[d], int(n)) for d, n in counts.iter_rows()}
 
 
 def _workers(requested: int | None, jobs: list[_EquipmentJob], staged: list[StagedFile]) -> int:
