@@ -142,6 +142,11 @@ def _place(
     starts = rng.integers(s0 + margin, max(s0 + margin + 1, latest + 1), size=48)
     score = (csum[starts + length] - csum[starts]) / length
     start = int(starts[int(np.argmax(score))])
+    if kind in NEEDS_RUNNING and score.max() < 0.5:
+        # random candidates missed the running stretches (a machine that runs only briefly in this slot):
+        # take the start with the most running minutes among all possible starts
+        every = np.arange(s0 + margin, max(s0 + margin + 1, latest + 1))
+        start = int(every[int(np.argmax(csum[every + length] - csum[every]))])
     if kind in NEEDS_RUNNING:
         # trim the window to where the machine runs, where the anomaly shows
         on = np.flatnonzero(running[start : start + length])
