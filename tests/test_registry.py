@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from dataclasses import replace
 from pathlib import Path
 
@@ -178,7 +179,8 @@ def test_cli_generate_ingest_train_promote(tmp_path, db_template, capsys):
     assert main(["generate", "--out", str(plant), "--days", "2"]) == 0
     toml = plant / "plant.toml"
     text = toml.read_text()
-    train_end = re.search(r"training period: up to (\S+?)Z?;", text).group(1)
+    train_end = tomllib.loads(text)["train"]["train_until"].rstrip("Z")  # the generator's clean period
+    text = re.sub(r"\n\[train\]\n(?:[^\[\n][^\n]*\n?)*", "\n", text)  # replaced by a tiny [train] below
     db = tmp_path / "mlflow.db"
     shutil.copy(db_template, db)
     text = re.sub(r'mlflow_tracking_uri = ".*"', f'mlflow_tracking_uri = "sqlite:///{db}"', text)
