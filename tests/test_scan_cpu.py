@@ -80,8 +80,10 @@ def test_plan_covers_awkward_lengths():
     with chunking(4, 64):
         assert kcpu.plan(1, 2, 2, 30) == (4, 4)  # 30 steps: 2 blocks of 16, the last 14 (ragged chunk)
     with chunking(None, None):
-        T, G = kcpu.plan(1, 128, 16, 16384)
-        assert 1 < T < 16384 and 1 < G and 16384 % (T * G) == 0
+        T, G = kcpu.plan(1, 128, 16, 16384)  # the benchmark shape: chunks side by side, step ops single-threaded
+        assert 1 < T and 1 < G and 2 * G * 128 * 16 < 32768 and T * G * 128 * 16 <= kcpu.BLOCK_ELEMENTS
+        T, G = kcpu.plan(8, 512, 16, 4096)  # a wide shape: one shortened chunk per block
+        assert G == 1 and 1 <= T * 8 * 512 * 16 <= max(kcpu.BLOCK_ELEMENTS, 8 * 512 * 16)
 
 
 def test_long_sequence_16k():
@@ -218,6 +220,10 @@ BAD_INPUTS = [
      ValueError),
     ("delta", torch.full_like(good["delta"], float("nan")), ValueError),
     ("C", torch.full_like(good["C"], float("inf")), ValueError),
+    ("B", good["B"].index_fill(2, torch.tensor([9]), float("-inf")), ValueError),
+    ("z", good["z"].index_fill(1, torch.tensor([1]), float("nan")), ValueError),
+    ("initial_state", good["initial_state"].index_fill(0, torch.tensor([0]), float("nan")), ValueError),
+    ("D", good["D"].index_fill(0, torch.tensor([2]), float("inf")), ValueError),
 ]
 
 
