@@ -12,6 +12,7 @@ forward+backward (median of repeats) and writes the table, with the hardware, to
 from __future__ import annotations
 
 import argparse
+import ctypes
 import math
 import os
 import platform
@@ -29,6 +30,7 @@ from kernels import selective_scan  # noqa: E402
 from kernels.cpu import plan  # noqa: E402
 
 START, END = "<!-- scan_cpu:start -->", "<!-- scan_cpu:end -->"
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
 
 
@@ -107,7 +109,15 @@ def main(argv: list[str] | None = None) -> None:
                         "of per-step slices costs O(L^2))")
     p.add_argument("--output", type=Path, default=DEFAULT_OUT)
     p.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    p.add_argument("--keep-heap", action="store_true",
+                   help="raise glibc's trim and mmap thresholds first, so that freed buffers are reused without new "
+                        "page faults (what MALLOC_TRIM_THRESHOLD_/MALLOC_MMAP_THRESHOLD_ do for a whole process)")
     a = p.parse_args(argv)
+    heap = "glibc malloc defaults"
+    if a.keep_heap:
+        libc = ctypes.CDLL("libc.so.6")
+        if libc.mallopt(M_TRIM_THRESHOLD, 1 << 30) and libc.mallopt(M_MMAP_THRESHOLD, 1 << 30):
+            heap = "glibc malloc with trim and mmap thresholds at 1 GiB (--keep-heap)"
 
     args = model_like_inputs(a.batch, a.d_inner, a.d_state, a.length)
     load0 = os.getloadavg()[0]
@@ -133,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"Shape: batch {a.batch}, d_inner {a.d_inner}, d_state {a.d_state}, L {a.length}, fp32, with D, z, "
         f"delta_bias and softplus (model-like inputs). Chunk {T} steps, {G} chunks per block.",
-        f"Hardware: {hardware()}.",
+        f"Hardware: {hardware()}. Allocator: {heap}.",
         f"Load average (1 min) before / after: {load0:.2f} / {load1:.2f} (the machine is shared; times are "
         "wall-clock medians).",
         f"Agreement checked before timing: {'; '.join(checks)}.",
@@ -148,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
                      f"{elements / cpu_s / 1e6:.0f} | {ref_s / cpu_s:.1f}x |")
     lines += ["", f"Repeats: cpu {a.repeats} (after one warm-up), reference {a.ref_repeats} (forward) / "
               f"{a.ref_bwd_repeats} (forward+backward). "
-              "Run: `.venv/bin/python benchmarks/scan_cpu.py`."]
+              f"Run: `.venv/bin/python benchmarks/scan_cpu.py{' --keep-heap' if a.keep_heap else ''}`."]
     body = "\n".join(lines)
     print(body)
     if not a.no_write:
