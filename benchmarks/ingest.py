@@ -36,10 +36,12 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _markdown import write_section  # noqa: E402  (sibling module; benchmarks run as scripts)
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-START, END = "<!-- ingest:start -->", "<!-- ingest:end -->"
 DEFAULT_OUT = ROOT / "BENCHMARKS.md"
 STATE_WORDS = ("Shutdown", "I/O Timeout", "Bad", "Comm Fail", "No Data")
 
@@ -448,18 +450,6 @@ def render(results: list[dict], meta: dict, load: tuple[float, float]) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, body: str) -> None:
-    """Replace the text between the ingest markers in ``path`` (append the section, or create the file)."""
-    section = f"{START}\n{body.rstrip()}\n{END}"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    path.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size-gb", type=float, default=1.0, help="size of the wide CSV (default 1.0)")
@@ -484,7 +474,7 @@ def main(argv: list[str] | None = None) -> None:
         body = render(json.loads((a.data / "results.json").read_text()), meta, tuple(a.render))
         print(body)
         if not a.no_write:
-            write_section(a.output, body)
+            write_section(a.output, "ingest", body)
         return
     if a.prepare:
         make_data(a.data, a.size_gb)
@@ -513,7 +503,7 @@ def main(argv: list[str] | None = None) -> None:
     body = render(results, meta, (load0, os.getloadavg()[0]))
     print(body)
     if not a.no_write:
-        write_section(a.output, body)
+        write_section(a.output, "ingest", body)
         print(f"wrote {a.output}", file=sys.stderr)
 
 

@@ -29,7 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels import selective_scan  # noqa: E402
 from kernels.cpu import plan  # noqa: E402
 
-START, END = "<!-- scan_cpu:start -->", "<!-- scan_cpu:end -->"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _markdown import write_section  # noqa: E402  (sibling module; benchmarks run as scripts)
+
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
 
@@ -82,18 +84,6 @@ def hardware() -> str:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return (f"{model}, {cores} cores available, torch {torch.__version__}, "
             f"torch.get_num_threads()={torch.get_num_threads()}, Python {platform.python_version()}")
-
-
-def write_section(path: Path, body: str) -> None:
-    """Replace the text between the scan_cpu markers in ``path`` (append the section, or create the file)."""
-    section = f"{START}\n{body.rstrip()}\n{END}"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    path.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -162,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     body = "\n".join(lines)
     print(body)
     if not a.no_write:
-        write_section(a.output, body)
+        write_section(a.output, "scan_cpu", body)
         print(f"\nwrote the scan_cpu section of {a.output}")
 
 
