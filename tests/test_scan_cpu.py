@@ -61,18 +61,54 @@ flags = st.fixed_dictionaries({k: st.booleans() for k in ("D", "z", "bias", "sof
 
 
 @FAST
-@given(shape=shapes, plan=plans, flag=flags, seed=st.integers(0, 2**16), dtype=st.sampled_from(["fp32", "fp64"]))
-def test_cpu_matches_reference(shape, plan, flag, seed, dtype):
+@given(shape=shapes, plan=plans, flag=flags, seed=st.integers(0, 2**16), dtype=st.sampled_from(["fp32", "fp64"]),
+       grad=st.booleans())
+def test_cpu_matches_reference(shape, plan, flag, seed, dtype, grad):
+    """Both forward paths: the autograd one (an input requires grad) and the inference one (none does)."""
     b, d, n, L = shape
     dt = torch.float64 if dtype == "fp64" else torch.float32
     args = make_inputs(seed, b, d, n, L, dt, **flag)
     y_ref, s_ref = selective_scan_reference(**args, return_final_state=True)
+    if grad:
+        args["u"] = args["u"].clone().requires_grad_()
     with chunking(*plan):
         y, s = selective_scan_cpu(**args, return_final_state=True)
+    assert y.requires_grad == grad
+    y = y.detach()
     rel = 1e-11 if dt == torch.float64 else 1e-5
     assert s.dtype == dt
     assert_rel_close(y, y_ref, rel, "y")
     assert_rel_close(s, s_ref, rel, "final state")
+
+
+def test_inference_buffers_are_reused_safely():
+    """The inference path keeps scratch buffers between calls: a second call of the same shape must not see the
+    first call's data or overwrite its output, and threads must not share them."""
+    first, second = (make_inputs(seed, 2, 5, 3, 77) for seed in (1, 2))
+    with torch.no_grad():
+        y1 = selective_scan_cpu(**first)
+        kept = y1.clone()
+        y2 = selective_scan_cpu(**second)
+    assert torch.equal(y1, kept)
+    assert_rel_close(y1, selective_scan_reference(**first), 1e-5, "first call")
+    assert_rel_close(y2, selective_scan_reference(**second), 1e-5, "second call")
+
+    import threading
+    results: dict[int, torch.Tensor] = {}
+    inputs = [make_inputs(seed, 1, 64, 16, 4096) for seed in range(4)]
+
+    def work(i: int) -> None:
+        for _ in range(3):
+            results[i] = selective_scan_cpu(**inputs[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(4):
+        assert_rel_close(results[i], selective_scan_cpu(**inputs[i]), 1e-6, f"thread {i}")
+        assert torch.allclose(results[i], selective_scan_reference(**inputs[i]), rtol=1e-4, atol=1e-4)
 
 
 def test_plan_covers_awkward_lengths():
