@@ -24,13 +24,35 @@ from rmamba.config import RoMConfig
 from rmamba.mamba import MambaMixer, Mixer, make_ssm
 
 
-def expert_matmul(x_sorted: Tensor, weights: Tensor, counts: Sequence[int]) -> Tensor:
+def grouped_mm_available(x: Tensor, weights: Tensor) -> bool:
+    """True where torch's grouped matmul runs as one fused kernel: a CUDA device of compute capability >= 9.0,
+    bf16 compute (bf16 tensors, or bf16 autocast), and rows whose bf16 size is a multiple of 16 bytes."""
+    if not (x.is_cuda and hasattr(torch, "_grouped_mm") and torch.cuda.get_device_capability(x.device)[0] >= 9):
+        return False
+    bf16 = (x.dtype == torch.bfloat16 and weights.dtype == torch.bfloat16) or (
+        torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16)
+    return bf16 and weights.shape[1] % 8 == 0 and weights.shape[2] % 8 == 0
+
+
+def expert_matmul(x_sorted: Tensor, weights: Tensor, counts: Tensor | Sequence[int],
+                  grouped: bool | None = None) -> Tensor:
     """Grouped matmul: row block e of ``x_sorted`` times expert e's weight.
 
     x_sorted: (S, d_in), rows grouped by expert in order 0..E-1; weights: (E, d_out, d_in) (nn.Linear layout);
-    counts: E ints summing to S. Returns (S, d_out). FLOPs = 2 * S * d_in * d_out, independent of E.
+    counts: (E,) int64 tensor (or E ints) of rows per expert, summing to S. Returns (S, d_out).
+    FLOPs = 2 * S * d_in * d_out, independent of E. ``grouped`` picks the path (None: automatic): True runs
+    torch's grouped matmul in bf16 (``torch._grouped_mm``: one kernel for all experts, group offsets stay on the
+    device, so no host sync); False loops over the experts with F.linear in the input dtype (exact fp32 on the CPU).
     """
-    pieces = [F.linear(xs, weights[e]) for e, xs in enumerate(x_sorted.split(list(counts))) if counts[e] > 0]
+    if not isinstance(counts, Tensor):
+        counts = torch.tensor(list(counts), dtype=torch.int64)
+    if grouped is None:
+        grouped = grouped_mm_available(x_sorted, weights)
+    if grouped:
+        offs = counts.cumsum(0).to(device=x_sorted.device, dtype=torch.int32)
+        return torch._grouped_mm(x_sorted.to(torch.bfloat16), weights.to(torch.bfloat16).transpose(1, 2), offs=offs)
+    sizes = counts.tolist()
+    pieces = [F.linear(xs, weights[e]) for e, xs in enumerate(x_sorted.split(sizes)) if sizes[e] > 0]
     return torch.cat(pieces) if pieces else x_sorted.new_zeros(0, weights.shape[1])
 
 
@@ -88,7 +110,7 @@ class _Dispatch:
 
     token_of_slot: Tensor   # (N*K,) int64 token index of each sorted slot
     gate_of_slot: Tensor    # (N*K,) fp32 gate weight of each sorted slot
-    counts: list[int]       # E ints, slots per expert
+    counts: Tensor          # (E,) int64 slots per expert, on the tokens' device
     top_experts: Tensor     # (N, K) int64
     probs: Tensor           # (N, E) fp32
     logits: Tensor          # (N, E) fp32
@@ -129,7 +151,7 @@ class RoMMixer(Mixer):
         gates = top_p if self.top_k == 1 else top_p / top_p.sum(-1, keepdim=True)
         flat = top_i.reshape(-1)                          # slot s = token * K + k
         order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        counts = torch.bincount(flat, minlength=self.num_experts)
         return _Dispatch(order // self.top_k, gates.reshape(-1)[order], counts, top_i, probs, logits)
 
     def project_in(self, h: Tensor) -> tuple[Tensor, _Dispatch]:
@@ -149,11 +171,11 @@ class RoMMixer(Mixer):
     def routing_stats(self, d: _Dispatch, shape: tuple[int, int]) -> RoutingStats:
         n = d.probs.shape[0]
         return RoutingStats(
-            tokens_per_expert=torch.tensor(d.counts, dtype=torch.int64),
+            tokens_per_expert=d.counts,
             prob_sum=d.probs.sum(0),
             z_sum=torch.logsumexp(d.logits, dim=-1).pow(2).sum(),
             n_tokens=n, top_k=self.top_k,
             top_experts=d.top_experts.detach().view(*shape, self.top_k))
 
 
-__all__ = ["RoMMixer", "RoutingStats", "expert_matmul", "merge_routing_stats"]
+__all__ = ["RoMMixer", "RoutingStats", "expert_matmul", "grouped_mm_available", "merge_routing_stats"]

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import kernels
+import rmamba.rom as rom_mod
 from rmamba import (
     Backbone,
     MambaMixer,
@@ -210,6 +211,29 @@ def test_expert_matmul_matches_per_row_reference():
     ref = torch.stack([w[e] @ x[i] for i, e in enumerate(expert.tolist())])
     torch.testing.assert_close(expert_matmul(x, w, counts), ref, **TOL)
     assert expert_matmul(x[:0], w, [0] * 5).shape == (0, 6)
+
+
+def test_expert_matmul_grouped_path_matches_loop():
+    """The grouped-matmul path (torch._grouped_mm, bf16; on the CPU through torch's fallback) computes what the
+    per-expert loop computes, values and gradients, with counts as a tensor and empty experts included."""
+    torch.manual_seed(3)
+    counts = torch.tensor([5, 0, 3, 8, 0, 1, 2, 0])
+    w = torch.randn(8, 16, 32)
+    x = torch.randn(int(counts.sum()), 32)
+    g = torch.randn(int(counts.sum()), 16)
+    outs, grads = [], []
+    for grouped in (False, True):
+        xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
+        out = expert_matmul(xx, ww, counts, grouped=grouped)
+        (out.float() * g).sum().backward()
+        outs.append(out.float())
+        grads.append((xx.grad, ww.grad))
+    assert outs[1].shape == outs[0].shape == (19, 16)
+    scale = outs[0].abs().max()
+    assert (outs[1] - outs[0]).abs().max() <= 2e-2 * scale  # bf16 operands
+    for a, b in zip(grads[1], grads[0]):
+        assert (a.float() - b).abs().max() <= 2e-2 * b.abs().max()
+    assert not rom_mod.grouped_mm_available(x, w)  # CPU tensors: the automatic choice is the exact loop
 
 
 def _flops(cfg: RoMConfig, h: torch.Tensor) -> int:
