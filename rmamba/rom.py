@@ -109,11 +109,46 @@ class _Dispatch:
     """Where each token-slot goes; slots are sorted by expert."""
 
     token_of_slot: Tensor   # (N*K,) int64 token index of each sorted slot
+    sorted_pos: Tensor      # (N*K,) int64 position in the sorted order of slot token * K + k (inverse permutation)
     gate_of_slot: Tensor    # (N*K,) fp32 gate weight of each sorted slot
     counts: Tensor          # (E,) int64 slots per expert, on the tokens' device
     top_experts: Tensor     # (N, K) int64
     probs: Tensor           # (N, E) fp32
     logits: Tensor          # (N, E) fp32
+
+
+class _GatherSlots(torch.autograd.Function):
+    """x (N, d) -> (N*K, d): row p is x[token_of_slot[p]] (the tokens copied into their sorted slots).
+
+    Its adjoint is ``_CombineSlots``; both are plain gathers (index_select), so neither pass needs a zero-filled
+    buffer or a scatter-add: the slot order is a permutation, whose inverse ``sorted_pos`` is known."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, token_of_slot: Tensor, sorted_pos: Tensor, k: int) -> Tensor:
+        ctx.save_for_backward(token_of_slot, sorted_pos)
+        ctx.k = k
+        return x.index_select(0, token_of_slot)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        token_of_slot, sorted_pos = ctx.saved_tensors
+        return _CombineSlots.apply(g, token_of_slot, sorted_pos, ctx.k), None, None, None
+
+
+class _CombineSlots(torch.autograd.Function):
+    """x_sorted (N*K, d) -> (N, d): row t is the sum over k of the row of slot t * K + k."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, token_of_slot: Tensor, sorted_pos: Tensor, k: int) -> Tensor:
+        ctx.save_for_backward(token_of_slot, sorted_pos)
+        ctx.k = k
+        rows = x.index_select(0, sorted_pos)
+        return rows if k == 1 else rows.view(-1, k, x.shape[1]).sum(1)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        token_of_slot, sorted_pos = ctx.saved_tensors
+        return _GatherSlots.apply(g, token_of_slot, sorted_pos, ctx.k), None, None, None
 
 
 class RoMMixer(Mixer):
@@ -152,21 +187,27 @@ class RoMMixer(Mixer):
         flat = top_i.reshape(-1)                          # slot s = token * K + k
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=self.num_experts)
-        return _Dispatch(order // self.top_k, gates.reshape(-1)[order], counts, top_i, probs, logits)
+        sorted_pos = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        return _Dispatch(order // self.top_k, sorted_pos, gates.reshape(-1)[order], counts, top_i, probs, logits)
 
     def project_in(self, h: Tensor) -> tuple[Tensor, _Dispatch]:
         """h (N, d_model) -> xz (N, 2*d_inner) summed over each token's K experts."""
         d = self.route(h)
-        xz_sorted = expert_matmul(h.index_select(0, d.token_of_slot), self.w_in, d.counts)  # (N*K, 2*d_inner)
+        if grouped_mm_available(h, self.w_in):
+            h = h.to(torch.bfloat16)  # the grouped matmul reads bf16: gather half the bytes
+        xs = _GatherSlots.apply(h, d.token_of_slot, d.sorted_pos, self.top_k)
+        xz_sorted = expert_matmul(xs, self.w_in, d.counts)  # (N*K, 2*d_inner)
         if self.gate_on_all:
             xz_sorted = xz_sorted * d.gate_of_slot[:, None].to(xz_sorted.dtype)
-        return xz_sorted.new_zeros(h.shape[0], 2 * self.d_inner).index_add_(0, d.token_of_slot, xz_sorted), d
+        return _CombineSlots.apply(xz_sorted, d.token_of_slot, d.sorted_pos, self.top_k), d
 
     def project_out(self, y: Tensor, d: _Dispatch) -> Tensor:
         """y (N, d_inner) -> out (N, d_model) = sum over the token's experts of g * y W_o."""
-        o = expert_matmul(y.index_select(0, d.token_of_slot), self.w_out, d.counts)  # (N*K, d_model)
-        o = o * d.gate_of_slot[:, None].to(o.dtype)
-        return o.new_zeros(y.shape[0], self.d_model).index_add_(0, d.token_of_slot, o)
+        if grouped_mm_available(y, self.w_out):
+            y = y.to(torch.bfloat16)
+        o = expert_matmul(_GatherSlots.apply(y, d.token_of_slot, d.sorted_pos, self.top_k), self.w_out, d.counts)
+        o = o * d.gate_of_slot[:, None].to(o.dtype)  # (N*K, d_model)
+        return _CombineSlots.apply(o, d.token_of_slot, d.sorted_pos, self.top_k)
 
     def routing_stats(self, d: _Dispatch, shape: tuple[int, int]) -> RoutingStats:
         n = d.probs.shape[0]
