@@ -464,9 +464,13 @@ def run_config(b, d, L, dtype, ext, floors, args, results, n=16):
                 for k, v in rec.items() if k.startswith(("triton_", "mamba_", "speedup", "pct_"))}, flush=True)
 
 
+SPLIT_FWD = {"G": 4, "T": 8, "TC": 4, "BC_PRE": True, "FMA_RCP": True, "N_POLY": 0}
+
+
 def precompile_specs(tune: bool, lean: bool = False) -> list[dict]:
     """Kernel variants the run will need (dtype x options x L divisibility x tuning configs), one worker each."""
-    specs = []
+    specs = [{"dtype": "bfloat16", "opts": "all", "L": L, "fwd": SPLIT_FWD, "bwd": {}, "grad": True}
+             for L in ((1024,) if lean else (1024, 517))]
     for dtype in ("bfloat16", "float32"):
         for opts in (("all", "h0") if lean else ("all", "h0", "none")):
             for L in (1024, 517):
@@ -474,8 +478,9 @@ def precompile_specs(tune: bool, lean: bool = False) -> list[dict]:
                     continue
                 specs.append({"dtype": dtype, "opts": opts, "L": L, "fwd": {}, "bwd": {}, "grad": True})
     if tune:
-        for c in ({"N_POLY": 0}, {"N_POLY": 1}):
-            specs.append({"dtype": "bfloat16", "opts": "all", "L": 1024, "fwd": c, "bwd": c, "grad": True})
+        for c in ({"G": 1, "BLOCK_D": 32, "T": 4, "N_POLY": 0}, {**SPLIT_FWD, "N_POLY": 1}):
+            specs.append({"dtype": "bfloat16", "opts": "all", "L": 1024, "fwd": c, "bwd": {}, "grad": False})
+        specs.append({"dtype": "bfloat16", "opts": "all", "L": 1024, "fwd": {}, "bwd": {"N_POLY": 0}, "grad": True})
     return specs
 
 
@@ -522,6 +527,8 @@ def small_checks(results_out: dict, lean: bool = False) -> bool:
             for opts in (("all",) if lean else ("all", "none")):
                 for k in ("fwd", "bwd"):
                     ts._CONFIG_OVERRIDE[k] = {"n_seg": n_seg}
+                if dtype == torch.bfloat16:             # the d_state-split forward (the rule picks it at 8 x 1536)
+                    ts._CONFIG_OVERRIDE["fwd"].update(SPLIT_FWD)
                 inp = make_inputs(b, d, L, 16, dtype, seed=L + d)
                 if opts == "all":
                     kw = dict(D=inp["D"], z=inp["z"], delta_bias=inp["delta_bias"], delta_softplus=True,
@@ -607,7 +614,10 @@ def tune(out: dict) -> None:
         kw = dict(D=inp["D"], z=inp["z"], delta_bias=inp["delta_bias"], delta_softplus=True)
         args = (inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"])
         base = ts._pick_config(b, d, L, dtype, inp["u"].device, backward=False)
-        cands = [{}, {"N_POLY": 0}, {"N_POLY": 1}]
+        # the other forward kernel (one lane per channel vs d_state split), and the polynomial-exp2 share
+        split = {**SPLIT_FWD, "n_seg": 1}
+        cands = [{}, {"N_POLY": 1} if base.get("G", 1) > 1 else {"N_POLY": 0},
+                 {"G": 1, "BLOCK_D": 32, "T": 4, "N_POLY": 2} if base.get("G", 1) > 1 else split]
         for ns in sorted({max(1, base["n_seg"] // 2), base["n_seg"] * 2} - {base["n_seg"]}):
             cands.append({"n_seg": ns})
         for c in cands:
@@ -643,18 +653,16 @@ def tune(out: dict) -> None:
             ts._CONFIG_OVERRIDE.clear()
         torch.cuda.empty_cache()
     out["tune"] = rows
-    # apply the block / polynomial settings that won most often (segment counts stay with the heuristic)
+    # apply the backward's N_POLY that won most often; forward results are reported only (which kernel and
+    # settings win depends on the shape: _pick_config's rule)
     from collections import Counter
-    for kind in ("fwd", "fwd+bwd"):
-        votes = Counter()
-        for shape in {tuple(r["shape"]) for r in rows if r["kind"] == kind}:
-            rs = [r for r in rows if r["kind"] == kind and tuple(r["shape"]) == shape and r["ms"]]
-            if rs:
-                best = min(rs, key=lambda r: r["ms"])["cfg"]
-                votes[(best["N_POLY"], best["BLOCK_D"], best["num_warps"])] += 1
-        if votes:
-            npoly, bd, nw = votes.most_common(1)[0][0]
-            ts._CONFIG_OVERRIDE["fwd" if kind == "fwd" else "bwd"] = {"N_POLY": npoly, "BLOCK_D": bd, "num_warps": nw}
+    votes = Counter()
+    for shape in {tuple(r["shape"]) for r in rows if r["kind"] == "fwd+bwd"}:
+        rs = [r for r in rows if r["kind"] == "fwd+bwd" and tuple(r["shape"]) == shape and r["ms"]]
+        if rs:
+            votes[min(rs, key=lambda r: r["ms"])["cfg"]["N_POLY"]] += 1
+    if votes:
+        ts._CONFIG_OVERRIDE["bwd"] = {"N_POLY": votes.most_common(1)[0][0]}
     out["applied_config"] = dict(ts._CONFIG_OVERRIDE)
     print("applied config", ts._CONFIG_OVERRIDE, flush=True)
 

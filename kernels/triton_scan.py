@@ -4,15 +4,28 @@ Shapes (ROM_SPEC section 1): u, delta, z: (batch, d_inner, L); A: (d_inner, d_st
 D, delta_bias: (d_inner,); initial_state / final_state: (batch, d_inner, d_state), fp32.
 Activations may be fp32, bf16 or fp16; the state and all arithmetic are fp32. fp64 inputs are computed in fp32.
 
-Design (why it is shaped like this):
-- One program owns BLOCK_D channels x all d_state states of one batch row and walks time in tiles of T steps.
-  A tile of u / delta / z (channels x T, contiguous in time) is loaded once, split in registers into T per-step
-  vectors, and the recurrence is unrolled over the T steps: per state and step that is one exp2 and ~4 fp32
-  ops, with no shuffles (the d_state axis lives inside a thread, so <h, C> is an in-thread sum).
-- The next tile's inputs are loaded one iteration ahead (carried in registers), so DRAM latency overlaps the
-  current tile's arithmetic: the first version without this ran at 2-6x below its instruction-count bound.
+Design (why it is shaped like this; measurements, and what did not pan out: docs/notes/triton_scan_notes.md):
+- Forward, two kernels; _pick_config chooses by shape (measured on an H200, both in one call):
+  - _fwd_kernel, one lane per channel: a program owns BLOCK_D channels x all d_state states of one batch row and
+    walks time in tiles of T steps. A tile of u / delta / z (channels x T, contiguous in time) is loaded once, one
+    tile ahead (DRAM latency overlaps the current tile's arithmetic), split in registers into T per-step vectors,
+    and the recurrence is unrolled over the T steps: per state and step one exp2 and ~4 fp32 ops, no shuffles
+    (<h, C> is an in-thread sum). B, C go through shared memory (one broadcast load per 4 values).
+  - _fwd_split_kernel, d_state split over G = 4 lanes (lane g holds states g*NS..): 4x the threads at the same
+    exp2 count, for shapes where one lane per channel leaves the GPU short of warps but a split fills it in one
+    pass (8 x d_inner 1536: the first kernel needs segments there, i.e. a second pass of exponentials).
+    Per-element work (loads, softplus, gating, stores) is not repeated on the G lanes: in each T-step tile lane g
+    owns steps g*TL..g*TL+TL-1; the lanes exchange delta and delta*u (every step to every lane) and the partial
+    <h, C> sums (back to each step's owner, a butterfly reduce-scatter) by warp shuffles. Plain Triton has no
+    shuffle, so these are inline PTX; Triton picks the layouts, so each compiled kernel's TTGIR is checked once
+    (_shfl_layout_ok) and a kernel whose layout differs from the one assumed is rerun without shuffles (tensor
+    reductions: right for any layout, slower). Under TRITON_INTERPRET (no inline assembly) the reduction path
+    runs; the tests cover it, the GPU benchmark checks the shuffle path against an fp64 oracle. B, C are copied to
+    fp32 (batch, L, d_state) rows, so a lane's states of one step are one 16-byte load. The reciprocals of
+    softplus and sigmoid run on the FMA units (FMA_RCP: minimax start + two Newton steps, 1e-7) to spare the
+    special-function unit, which the exponentials keep busy.
 - exp(delta * A) = exp2(delta * (A * log2 e)): log2 e is folded into A once. The first N_POLY states of every
-  channel compute exp2 with an FMA polynomial instead of the special-function unit, so both units work (at
+  lane compute exp2 with an FMA polynomial instead of the special-function unit, so both units work (at
   d_state = 16 the exponentials bind; ROM_SPEC 5).
 - Long sequences and small batch x d_inner are split into segments that run in parallel: pass 1 scans every
   segment from a zero state (and sums delta), a tiny kernel chains the segment end states
@@ -21,12 +34,13 @@ Design (why it is shaped like this):
 - Backward keeps only states at chunk boundaries (every CK steps, written by the forward pass) and recomputes
   inside each chunk: phase A walks the chunk forward and parks the state at every tile start in a small
   per-program scratch buffer (L2-resident), phase B walks the tiles backwards, recomputes the T steps of the
-  tile, and runs the reverse recurrence for g = dL/dh (carried as p = a * g between steps). Segments run in
-  parallel here too: a reverse pass 1 computes each segment's carry from a zero incoming carry and the same
-  chaining kernel combines them.
-- dB / dC (sums over channels) are reduced inside a program, then added across channel blocks with fp32
-  atomics (summation order, hence the last bits, can vary run to run). dA, dD, d(delta_bias) are accumulated
-  in registers and written per (batch, segment).
+  tile, and runs the reverse recurrence for g = dL/dh (carried as p = a * g between steps). One channel per lane.
+  Segments run in parallel here too: a reverse pass 1 computes each segment's carry from a zero incoming carry
+  and the same chaining kernel combines them.
+- dB / dC (sums over channels) are reduced over each warp's 32 channels by a shuffle reduce-scatter (each lane
+  ends with 1-2 of the 2 T d_state sums; Triton's tl.sum all-reduce left every lane all of them, at 5x the
+  shuffles), then added across warps with fp32 atomics (summation order, hence the last bits, can vary run to
+  run). dA, dD, d(delta_bias) are accumulated in registers and written per (batch, segment).
 """
 
 from __future__ import annotations
@@ -108,7 +122,12 @@ def _log1p_unit(e):
     """log(1 + e) for e in [0, 1], relative error ~3e-7 also for tiny e: 2 atanh(s), s = e / (2 + e) <= 1/3,
     as an odd series to s^15 (truncation < 2e-9). One reciprocal, no log (tl.log lowers to a long software
     routine; this is ~12 instructions)."""
-    s = tl.fdiv(e, 2.0 + e, ieee_rounding=False)
+    return _atanh2_series(tl.fdiv(e, 2.0 + e, ieee_rounding=False))
+
+
+@triton.jit
+def _atanh2_series(s):
+    """2 atanh(s) for 0 <= s <= 1/3 (= log1p(e) at s = e / (2 + e))."""
     s2 = s * s
     q = s2 * 0.13333333333333333 + 0.15384615384615385
     q = q * s2 + 0.18181818181818182
@@ -130,6 +149,37 @@ def _softplus(x):
 @triton.jit
 def _sigmoid(x):
     return tl.fdiv(1.0, 1.0 + tl.exp2(x * -LOG2E), ieee_rounding=False)
+
+
+@triton.jit
+def _rcp_newton(x, r):
+    """1 / x refined from the estimate r by two Newton steps (relative error e -> e^4), FMAs only."""
+    t = 1.0 - x * r
+    r = r + r * t
+    t = 1.0 - x * r
+    return r + r * t
+
+
+@triton.jit
+def _softplus_fma(x):
+    """_softplus with the reciprocal on the FMA units instead of the special-function unit (which the scan's
+    exponentials keep busy): 1 / (2 + e), 2 + e in [2, 3], from a linear minimax start (error 2.0e-2) and two
+    Newton steps (1.7e-7)."""
+    e = tl.exp2(tl.abs(x) * -LOG2E)
+    xe = 2.0 + e
+    r = _rcp_newton(xe, 0.8163139263277465 - 0.16326275804032295 * xe)
+    sp = tl.maximum(x, 0.0) + _atanh2_series(e * r)
+    return tl.where(x > 20.0, x, sp)
+
+
+@triton.jit
+def _sigmoid_fma(x):
+    """sigmoid(x) with one special-function op: e = exp(-|x|), r = 1 / (1 + e) (1 + e in [1, 2]: quadratic
+    minimax start, error 1.0e-2, two Newton steps, 1e-8); sigmoid = r for x >= 0, e r otherwise."""
+    e = tl.exp2(tl.abs(x) * -LOG2E)
+    xe = 1.0 + e
+    r = _rcp_newton(xe, (0.3232236682949876 * xe - 1.4545071040812798) * xe + 2.1211741338001477)
+    return tl.where(x >= 0.0, r, e * r)
 
 
 @triton.jit
@@ -236,7 +286,7 @@ def _tile_steps(h, A2, dls, dus, Bs, N: tl.constexpr, NP: tl.constexpr, T: tl.co
     return h
 
 
-# ------------------------------------------------------------------------------------------- forward kernel
+# ---------------------------------------------------------------------------------- forward: one lane per channel
 @triton.jit(do_not_specialize=["n_seg", "n_ck"])
 def _fwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, Dv_ptr, z_ptr, bias_ptr,
@@ -334,6 +384,323 @@ def _fwd_kernel(
         tl.store(dsum_ptr + (b64 * n_seg + pid_s) * d_inner + offs_d, dsum, mask=d_ok)
 
 
+# --------------------------------------------------------------- forward: d_state split over G lanes
+@triton.jit
+def _split_last(x, K: tl.constexpr):
+    """(..., K) -> tuple of K tensors (...), in order. Free when the last axis lies in registers."""
+    if K == 1:
+        return (tl.reshape(x, x.shape[:-1]),)
+    elif K == 2:
+        a, b = tl.split(x)
+        return (a, b)
+    else:
+        ev, od = tl.split(tl.reshape(x, x.shape[:-1] + (K // 2, 2)))
+        es = _split_last(ev, K // 2)
+        os_ = _split_last(od, K // 2)
+        res = ()
+        for i in tl.static_range(K // 2):
+            res = res + (es[i], os_[i])
+        return res
+
+
+@triton.jit
+def _join_last(xs, K: tl.constexpr):
+    """Inverse of _split_last: tuple of K tensors (...) -> (..., K)."""
+    if K == 1:
+        return tl.reshape(xs[0], xs[0].shape + (1,))
+    elif K == 2:
+        return tl.join(xs[0], xs[1])
+    else:
+        ev = ()
+        od = ()
+        for i in tl.static_range(K // 2):
+            ev = ev + (xs[2 * i],)
+            od = od + (xs[2 * i + 1],)
+        e = _join_last(ev, K // 2)
+        o = _join_last(od, K // 2)
+        return tl.reshape(tl.join(e, o), e.shape[:-1] + (K,))
+
+
+# Cross-lane exchange inside a channel's group of G lanes. Tensors (G, BLOCK_D) are laid out with g on the lowest
+# lane bits (lane = g + G * channel): Triton derives that layout from the loads below (checked in the compiled IR,
+# and the GPU benchmark checks every configuration against an fp64 oracle). On the GPU the exchange is a warp shuffle
+# (inline PTX); under the interpreter (no inline assembly) the same function is computed with tensor reductions.
+@triton.jit
+def _group_bcast(x, src: tl.constexpr, g2, G: tl.constexpr, SHFL: tl.constexpr):
+    """x (G, D) -> (G, D) holding, in every lane of a group, the value of the group's lane `src`."""
+    if SHFL:
+        c: tl.constexpr = ((32 - G) << 8) | 0x1F
+        return tl.inline_asm_elementwise(
+            "shfl.sync.idx.b32 $0, $1, $2, $3, -1;", "=r,r,r,r",
+            [x, tl.full(x.shape, src, tl.int32), tl.full(x.shape, c, tl.int32)],
+            dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.broadcast_to(tl.sum(tl.where(g2 == src, x, 0.0), axis=0)[None, :], x.shape)
+
+
+@triton.jit
+def _group_xor(x, m: tl.constexpr, g2, G: tl.constexpr, SHFL: tl.constexpr):
+    """x (G, D) -> the value of lane g ^ m of the same group."""
+    if SHFL:
+        return tl.inline_asm_elementwise(
+            "shfl.sync.bfly.b32 $0, $1, $2, 0x1f, -1;", "=r,r,r",
+            [x, tl.full(x.shape, m, tl.int32)], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        out = tl.zeros(x.shape, dtype=tl.float32)
+        for q in tl.static_range(G):
+            v = tl.sum(tl.where(g2 == q, x, 0.0), axis=0)[None, :]
+            out = tl.where(g2 == (q ^ m), v, out)
+        return out
+
+
+@triton.jit
+def _all_gather(xs, g2, G: tl.constexpr, TL: tl.constexpr, SHFL: tl.constexpr):
+    """xs: TL tensors (G, D), lane g holding steps g*TL + j. -> T = G*TL tensors (G, D), step i in every lane."""
+    out = ()
+    for i in tl.static_range(G * TL):
+        out = out + (_group_bcast(xs[i % TL], i // TL, g2, G, SHFL),)
+    return out
+
+
+@triton.jit
+def _reduce_scatter(ps, g2, G: tl.constexpr, M: tl.constexpr, R: tl.constexpr, SHFL: tl.constexpr):
+    """ps: M tensors (G, D) of per-lane partial sums, one per step (call with M = T, R = G / 2). -> T / G tensors
+    (G, D): lane g gets the group sums of its own steps g*TL + j. Butterfly: each round (xor R) keeps the half of
+    the steps owned by this lane's side, adds the partner's copy of it; T - TL shuffles in all."""
+    if R == 0:
+        return ps
+    else:
+        half: tl.constexpr = M // 2
+        hi = (g2 & R) != 0
+        nxt = ()
+        for i in tl.static_range(half):
+            keep = tl.where(hi, ps[half + i], ps[i])
+            send = tl.where(hi, ps[i], ps[half + i])
+            nxt = nxt + (keep + _group_xor(send, R, g2, G, SHFL),)
+        return _reduce_scatter(nxt, g2, G, half, R // 2, SHFL)
+
+
+@triton.jit
+def _lane_xor(x, m: tl.constexpr, SHFL: tl.constexpr):
+    """x (BLOCK_D,), one element per lane (lane = index % 32) -> the value of lane ^ m (a warp shuffle)."""
+    if SHFL:
+        return tl.inline_asm_elementwise(
+            "shfl.sync.bfly.b32 $0, $1, $2, 0x1f, -1;", "=r,r,r",
+            [x, tl.full(x.shape, m, tl.int32)], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        i = tl.arange(0, x.shape[0])
+        return tl.sum(tl.where((i[:, None] ^ m) == i[None, :], x[None, :], 0.0), axis=1)
+
+
+@triton.jit
+def _warp_reduce_scatter(ps, lane, M: tl.constexpr, R: tl.constexpr, SHFL: tl.constexpr):
+    """ps: M tensors (BLOCK_D,) -> sums over each warp's 32 lanes: while values remain to split, a round (xor R)
+    keeps the half selected by the lane's bit R and adds the partner's copy of it; then the remaining rounds add
+    the partner's value. Call with R = 16. See the caller for which lane holds which sum."""
+    if R == 0:
+        return ps
+    else:
+        if M >= 2:
+            half: tl.constexpr = M // 2
+            hi = (lane & R) != 0
+            nxt = ()
+            for i in tl.static_range(half):
+                keep = tl.where(hi, ps[half + i], ps[i])
+                send = tl.where(hi, ps[i], ps[half + i])
+                nxt = nxt + (keep + _lane_xor(send, R, SHFL),)
+            return _warp_reduce_scatter(nxt, lane, half, R // 2, SHFL)
+        else:
+            return _warp_reduce_scatter((ps[0] + _lane_xor(ps[0], R, SHFL),), lane, 1, R // 2, SHFL)
+
+
+@triton.jit
+def _pe_load(row, t0, tt3, t_end, dok3):
+    """Raw (storage dtype) per-element tile (G, D, TL) of steps t0 + tt3, zero outside [.., t_end)."""
+    return tl.load(row + (t0 + tt3), mask=dok3 & ((t0 + tt3) < t_end), other=0.0)
+
+
+@triton.jit
+def _pe_delta(dt_raw, u_raw, t, t_end, dok3, bias3, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+              FMA_RCP: tl.constexpr):
+    """delta and delta * u (fp32, (G, D, TL)) of one per-element tile; zero outside the segment (decay 1)."""
+    x = dt_raw.to(tl.float32)
+    if HAS_BIAS:
+        x = x + bias3
+    if SOFTPLUS:
+        if FMA_RCP:
+            x = _softplus_fma(x)
+        else:
+            x = _softplus(x)
+    dl = tl.where(dok3 & (t < t_end), x, 0.0)
+    return dl, dl * u_raw.to(tl.float32)
+
+
+@triton.jit
+def _bc_chunk(B_b, C_b, t0, NP: tl.constexpr, bc_off, G: tl.constexpr, BLOCK_D: tl.constexpr, K: tl.constexpr,
+              WITH_C: tl.constexpr):
+    """B (and C) rows of steps t0.. for this lane's states, as tuples of K = TC * NS tensors (G, D)."""
+    Bs = _split_last(tl.reshape(tl.load(B_b + t0 * NP + bc_off), (G, BLOCK_D, K)), K)
+    Cs = Bs
+    if WITH_C:
+        Cs = _split_last(tl.reshape(tl.load(C_b + t0 * NP + bc_off), (G, BLOCK_D, K)), K)
+    return Bs, Cs
+
+
+@triton.jit(do_not_specialize=["n_seg", "n_ck"])
+def _fwd_split_kernel(
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, Dv_ptr, z_ptr, bias_ptr,
+    h0_ptr, y_ptr, hout_ptr, dsum_ptr, ck_ptr,
+    L, L_bc, d_inner, seg_len, n_seg, n_ck,
+    s_ub, s_ud, s_tb, s_td, s_zb, s_zd, s_yb, s_yd,
+    N: tl.constexpr, NP: tl.constexpr, G: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr,
+    CK: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_H0: tl.constexpr, LOCAL: tl.constexpr, N_POLY: tl.constexpr, TC: tl.constexpr,
+    BC_PRE: tl.constexpr, FMA_RCP: tl.constexpr, SHFL: tl.constexpr,
+):
+    """One (channel block, batch row, segment). LOCAL: zero start, write end state + sum(delta), no y.
+
+    Layout: G lanes share a channel, lane g holds states g*NS .. g*NS+NS-1 as NS tensors (G, BLOCK_D). Per-element
+    work (softplus, gating, loads, stores) runs on tiles (G, BLOCK_D, TL): lane g owns steps g*TL .. g*TL+TL-1 of
+    each T-step tile, so nothing is computed twice. Per tile the lanes exchange delta and delta*u (every step to
+    every lane: T shuffles each) and the partial <h, C> sums (back to each step's owner: a reduce-scatter).
+    State buffers are (batch, n_seg, N, d_inner) fp32 (h0: start states in, hout: end states out);
+    dsum: (batch, n_seg, d_inner); ck: (batch, n_ck, N, d_inner), the state before step c * CK (when CK > 0).
+    B, C: (batch, L_bc, NP) fp32, contiguous, zero past L (L_bc a multiple of T: the loads need no mask).
+    """
+    NS: tl.constexpr = NP // G
+    TL: tl.constexpr = T // G
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    offs_g = tl.arange(0, G)
+    offs_l = tl.arange(0, BLOCK_D)
+    offs_d = pid_d * BLOCK_D + offs_l
+    d_ok = offs_d < d_inner
+    b64 = pid_b.to(tl.int64)
+    d64 = offs_d.to(tl.int64)
+
+    # state side (G, D): state n = g * NS + k in tuple entry k
+    g2 = offs_g[:, None]
+    d2 = offs_d[None, :]
+    A2 = ()
+    for k in tl.static_range(NS):
+        nk = g2 * NS + k
+        A2 = A2 + (tl.load(A_ptr + d2 * N + nk, mask=(d2 < d_inner) & (nk < N), other=0.0).to(tl.float32) * LOG2E,)
+    st_row = (b64 * n_seg + pid_s) * N
+    h = ()
+    for k in tl.static_range(NS):
+        nk = g2 * NS + k
+        if HAS_H0:
+            h = h + (tl.load(h0_ptr + (st_row + nk) * d_inner + d2, mask=(d2 < d_inner) & (nk < N), other=0.0),)
+        else:
+            h = h + (tl.zeros((G, BLOCK_D), dtype=tl.float32),)
+
+    # per-element side (G, D, TL): step g * TL + j of the tile
+    g3 = offs_g[:, None, None]
+    tt3 = g3 * TL + tl.arange(0, TL)[None, None, :]
+    dok3 = d_ok[None, :, None]
+    dd3 = d64[None, :, None]
+    if HAS_BIAS:
+        bias3 = tl.load(bias_ptr + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :, None]
+    else:
+        bias3 = tl.zeros((1, BLOCK_D, 1), dtype=tl.float32)
+    if HAS_D:
+        Dv3 = tl.load(Dv_ptr + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :, None]
+    u_row = u_ptr + b64 * s_ub + dd3 * s_ud
+    dt_row = dt_ptr + b64 * s_tb + dd3 * s_td
+    z_row = z_ptr + b64 * s_zb + dd3 * s_zd
+    y_row = y_ptr + b64 * s_yb + dd3 * s_yd
+    # B, C rows of this lane's states, TC steps at a time: (G, D, TC, NS), the same for every channel
+    g4 = offs_g[:, None, None, None]
+    bc_off = (tl.arange(0, TC)[None, None, :, None] * NP + g4 * NS + tl.arange(0, NS)[None, None, None, :]
+              + offs_l[None, :, None, None] * 0)
+    B_b = B_ptr + b64 * L_bc * NP
+    C_b = C_ptr + b64 * L_bc * NP
+
+    t_start = pid_s * seg_len
+    t_end = tl.minimum(t_start + seg_len, L)
+    n_tiles = (t_end - t_start + T - 1) // T
+    dsum = tl.zeros((G, BLOCK_D, TL), dtype=tl.float32)
+    # raw inputs one tile ahead of their use (loop-carried; distinct values, see the loop's end)
+    dt_n = _pe_load(dt_row, t_start, tt3, t_end, dok3)
+    u_n = _pe_load(u_row, t_start, tt3, t_end, dok3)
+    if HAS_Z and not LOCAL:
+        z_n = _pe_load(z_row, t_start, tt3, t_end, dok3)
+    for k in range(n_tiles):
+        t0 = t_start + k * T
+        dt_c = dt_n
+        u_c = u_n
+        if HAS_Z and not LOCAL:
+            z_c = z_n
+            z_n = _pe_load(z_row, t0 + T, tt3, t_end, dok3)
+        dt_n = _pe_load(dt_row, t0 + T, tt3, t_end, dok3)
+        u_n = _pe_load(u_row, t0 + T, tt3, t_end, dok3)
+        # B, C of this tile, TC steps at a time, each chunk loaded one chunk ahead of its use (the first one before
+        # the per-element work when BC_PRE: more latency hidden, more registers)
+        if BC_PRE:
+            Bn, Cn = _bc_chunk(B_b, C_b, t0, NP, bc_off, G, BLOCK_D, TC * NS, not LOCAL)
+        dl, du = _pe_delta(dt_c, u_c, t0 + tt3, t_end, dok3, bias3, HAS_BIAS, SOFTPLUS, FMA_RCP)
+        if LOCAL:
+            dsum += dl
+        dls = _all_gather(_split_last(dl, TL), g2, G, TL, SHFL)
+        dus = _all_gather(_split_last(du, TL), g2, G, TL, SHFL)
+        if not BC_PRE:
+            Bn, Cn = _bc_chunk(B_b, C_b, t0, NP, bc_off, G, BLOCK_D, TC * NS, not LOCAL)
+        if CK > 0:
+            if t0 % CK == 0:
+                for kk in tl.static_range(NS):
+                    nk = g2 * NS + kk
+                    tl.store(ck_ptr + ((b64 * n_ck + t0 // CK) * N + nk) * d_inner + d2, h[kk],
+                             mask=(d2 < d_inner) & (nk < N))
+        if LOCAL:
+            for c in tl.static_range(T // TC):
+                Bs = Bn
+                if c + 1 < T // TC:
+                    Bn, Cn = _bc_chunk(B_b, C_b, t0 + (c + 1) * TC, NP, bc_off, G, BLOCK_D, TC * NS, False)
+                for ii in tl.static_range(TC):
+                    hn = ()
+                    for kk in tl.static_range(NS):
+                        a = _exp2_sel(dls[c * TC + ii] * A2[kk], kk, N_POLY)
+                        hn = hn + (a * h[kk] + dus[c * TC + ii] * Bs[ii * NS + kk],)
+                    h = hn
+        else:
+            ys = ()
+            for c in tl.static_range(T // TC):
+                Bs = Bn
+                Cs = Cn
+                if c + 1 < T // TC:
+                    Bn, Cn = _bc_chunk(B_b, C_b, t0 + (c + 1) * TC, NP, bc_off, G, BLOCK_D, TC * NS, True)
+                for ii in tl.static_range(TC):
+                    hn = ()
+                    for kk in tl.static_range(NS):
+                        a = _exp2_sel(dls[c * TC + ii] * A2[kk], kk, N_POLY)
+                        hh = a * h[kk] + dus[c * TC + ii] * Bs[ii * NS + kk]
+                        if kk == 0:
+                            y = hh * Cs[ii * NS]
+                        else:
+                            y += hh * Cs[ii * NS + kk]
+                        hn = hn + (hh,)
+                    h = hn
+                    ys = ys + (y,)
+            # <h, C> of each step back to its owner lane, then + D u, * silu(z), store
+            y = _join_last(_reduce_scatter(ys, g2, G, T, G // 2, SHFL), TL)
+            if HAS_D:
+                y += Dv3 * u_c.to(tl.float32)
+            if HAS_Z:
+                zf = z_c.to(tl.float32)
+                if FMA_RCP:
+                    y = y * (zf * _sigmoid_fma(zf))
+                else:
+                    y = y * (zf * _sigmoid(zf))
+            tl.store(y_row + (t0 + tt3), y.to(y_row.dtype.element_ty), mask=dok3 & ((t0 + tt3) < t_end))
+    for k in tl.static_range(NS):
+        nk = g2 * NS + k
+        tl.store(hout_ptr + (st_row + nk) * d_inner + d2, h[k], mask=(d2 < d_inner) & (nk < N))
+    if LOCAL:
+        tl.store(dsum_ptr + (b64 * n_seg + pid_s) * d_inner + offs_d, tl.sum(tl.sum(dsum, axis=2), axis=0),
+                 mask=d_ok)
+
+
 @triton.jit(do_not_specialize=["n_seg"])
 def _chain_kernel(
     loc_ptr, dsum_ptr, A_ptr, init_ptr, start_ptr, fin_ptr,
@@ -376,7 +743,8 @@ def _bwd_kernel(
     s_ub, s_ud, s_tb, s_td, s_Bb, s_Bt, s_Cb, s_Ct, s_zb, s_zd, s_ob, s_od,
     N: tl.constexpr, NP: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr, CK: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_PEND: tl.constexpr, LOCAL: tl.constexpr, N_POLY: tl.constexpr,
+    HAS_PEND: tl.constexpr, LOCAL: tl.constexpr, N_POLY: tl.constexpr, SHFL: tl.constexpr,
+    MF: tl.constexpr, LOWB: tl.constexpr,
 ):
     """Backward of one (channel block, batch row, segment).
 
@@ -464,7 +832,7 @@ def _bwd_kernel(
         dB_b = dB_ptr + b64 * L * NP
         dC_b = dC_ptr + b64 * L * NP
         g_row = (b64 * d_inner + d64[:, None]) * L                 # gradient outputs are contiguous
-        idx_k = tl.arange(0, K)
+        lane = tl.arange(0, BLOCK_D) % 32
         dA_acc = _zeros_state(BLOCK_D, N)
         dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
         db_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
@@ -574,12 +942,16 @@ def _bwd_kernel(
                     dC_cols = dCc + dC_cols
                     du_out = (dls[i] * gB,) + du_out
                     ddl_out = (us[i] * gB + gA,) + ddl_out
-                # sums over this block's channels: (D, T*NP) -> (T*NP,), index i*NP + n
-                dBv = tl.sum(_join_t(dB_cols, K), axis=0)
-                dCv = tl.sum(_join_t(dC_cols, K), axis=0)
-                k_ok = (t0 + idx_k // NP) < L
-                tl.atomic_add(dB_b + t0 * NP + idx_k, dBv, mask=k_ok, sem="relaxed")
-                tl.atomic_add(dC_b + t0 * NP + idx_k, dCv, mask=k_ok, sem="relaxed")
+                # sums over the warp's channels of the 2K values (dB then dC, index i*NP + n): a reduce-scatter
+                # leaves lane l with values (l >> LOWB) * MF + j, which it adds to global memory (LOWB low lane bits
+                # hold copies when 2K < 32; only the lane with those bits clear adds)
+                red = _warp_reduce_scatter(dB_cols + dC_cols, lane, 2 * K, 16, SHFL)
+                for j in tl.static_range(MF):
+                    v = (lane >> LOWB) * MF + j
+                    vk = v % K
+                    ok = ((lane & ((1 << LOWB) - 1)) == 0) & ((t0 + vk // NP) < L)
+                    ptr = tl.where(v < K, dB_b, dC_b) + t0 * NP + vk
+                    tl.atomic_add(ptr, red[j], mask=ok, sem="relaxed")
                 du = _join_t(du_out, T)
                 ddl = _join_t(ddl_out, T)
                 if HAS_D:
@@ -621,16 +993,34 @@ def _num_sms(device: torch.device) -> int:
 
 def _pick_config(b: int, d: int, L: int, dtype: torch.dtype, device: torch.device, backward: bool) -> dict:
     """Block shapes and the number of parallel segments. Overridable for tuning via _CONFIG_OVERRIDE."""
-    block_d, num_warps = (32, 1)
-    T = 2 if backward else 4          # backward keeps T steps of states and decays live: T = 4 spills registers
-    warps = b * triton.cdiv(d, block_d) * num_warps
     sms = _num_sms(device)
-    # The loop is latency-bound below ~6 warps per SM (measured on an H200: 8 x 1536 ran fastest with 4-6
-    # segments, 1 x 4096 x 1M with 10, 8 x 4096 with 1). A segment pre-pass costs ~3/4 of a forward, so split only
-    # when short of warps, aiming at ~12 per SM, and keep segments >= 4 chunks long.
-    n_seg = 1 if warps >= 6 * sms else triton.cdiv(12 * sms, warps)
-    n_seg = max(1, min(n_seg, triton.cdiv(L, 4 * CK_DEFAULT)))
-    cfg = {"BLOCK_D": block_d, "T": T, "num_warps": num_warps, "n_seg": n_seg, "N_POLY": 2}
+    if backward:
+        block_d, num_warps = (32, 1)
+        T = 2                           # backward keeps T steps of states and decays live: T = 4 spills registers
+        warps = b * triton.cdiv(d, block_d) * num_warps
+        # The loop is latency-bound below ~6 warps per SM (measured on an H200: 8 x 1536 ran fastest with 4-6
+        # segments, 8 x 4096 with 1). A segment pre-pass costs ~3/4 of a pass, so split only when short of warps,
+        # aiming at ~12 per SM, and keep segments >= 4 chunks long.
+        n_seg = 1 if warps >= 6 * sms else triton.cdiv(12 * sms, warps)
+        cfg = {"BLOCK_D": block_d, "T": T, "num_warps": num_warps, "n_seg": n_seg, "N_POLY": 2}
+    else:
+        # Two forward kernels (GPU call 2 of docs/notes/triton_scan_notes.md, H200, same call):
+        # - one lane per channel, all states in the thread (G = 1): fastest where it fills the GPU in one pass
+        #   (8 x 4096: 104 G elem/s vs 74) and with segments at batch 1 (56 vs 34), and in fp32 (51 vs 37);
+        # - d_state split over G = 4 lanes (T = 8): 4x the warps in one pass, faster exactly where the first needs
+        #   segments (two passes of exponentials) and the second does not: 8 x 1536 bf16, 58.5 vs 52.2 G elem/s.
+        warps1 = b * triton.cdiv(d, 32)
+        warps4 = b * d * 4 // 32
+        if dtype in (torch.bfloat16, torch.float16) and warps1 < 6 * sms <= warps4:
+            cfg = {"G": 4, "T": 8, "TC": 4, "BC_PRE": True, "FMA_RCP": True, "num_warps": 1, "n_seg": 1,
+                   "N_POLY": 0}
+        else:
+            # The loop is latency-bound below ~6 warps per SM (measured on an H200: 8 x 1536 ran fastest with 4-6
+            # segments, 1 x 4096 x 1M with 10, 8 x 4096 with 1). A segment pre-pass costs ~3/4 of a forward, so
+            # split only when short of warps, aiming at ~12 per SM, and keep segments >= 4 chunks long.
+            n_seg = 1 if warps1 >= 6 * sms else triton.cdiv(12 * sms, warps1)
+            cfg = {"G": 1, "BLOCK_D": 32, "T": 4, "num_warps": 1, "n_seg": n_seg, "N_POLY": 2}
+    cfg["n_seg"] = max(1, min(cfg["n_seg"], triton.cdiv(L, 4 * CK_DEFAULT)))
     cfg.update(_CONFIG_OVERRIDE.get("bwd" if backward else "fwd", {}))
     return cfg
 
@@ -655,6 +1045,94 @@ def _n_contig(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(1) == 1 else x.transpose(1, 2).contiguous().transpose(1, 2)
 
 
+# Warp shuffles assume a layout: lane = g + G * channel for the forward's (G, BLOCK_D) tensors, lane = channel % 32 for
+# the backward's (BLOCK_D,) tensors. Triton picks layouts itself (Triton 3.6 gives these; another version may not),
+# so every compiled kernel that shuffles is checked once, from its TTGIR, and a kernel that fails the check is run
+# again without shuffles (the tensor-reduction path: slower, right for any layout) and never used again.
+_SHFL_CHECKED: dict[int, bool] = {}
+_SHFL_OFF: set[str] = set()
+
+
+def _lane_bases(layout: str) -> list[list[int]] | None:
+    """Lane bases (per-dimension offsets of lane bits 0..4) of a #ttg.blocked or #ttg.linear layout's text."""
+    import json
+    import re
+
+    m = re.search(r"lane = (\[\[[^=]*?\]\])", layout)
+    if m:
+        return json.loads(m.group(1))
+    try:
+        spt, tpw, order = (json.loads(re.search(key + r" = (\[[^\]]*\])", layout).group(1))
+                           for key in ("sizePerThread", "threadsPerWarp", "order"))
+    except (AttributeError, ValueError):
+        return None
+    bases = []
+    for d in order:
+        k = 1
+        while k < tpw[d]:
+            bases.append([spt[d] * k if i == d else 0 for i in range(len(spt))])
+            k *= 2
+    return bases
+
+
+def _shfl_layout_ok(ttgir: str, G: int) -> bool:
+    """Whether every shuffle in this TTGIR runs on a layout whose lowest log2(G) lane bits step along dim 0 by 1
+    (G = 32: all five lane bits, the backward's one-channel-per-lane tensors). False if no shuffle is found."""
+    import re
+
+    defs = dict(re.findall(r"^(#[\w]+) = (#ttg\.\w+<.*>)\s*$", ttgir, re.M))
+    used = set(re.findall(r"elementwise_inline_asm \"shfl[^\n]*-> tensor<[^,>]*, (#[\w]+)>", ttgir))
+    if not used:
+        return False
+    bits = G.bit_length() - 1
+    for name in used:
+        bases = _lane_bases(defs.get(name, ""))
+        if bases is None or len(bases) < bits:
+            return False
+        for i in range(bits):
+            if bases[i][0] != 1 << i or any(bases[i][1:]):
+                return False
+    return True
+
+
+def _launch_checked(kernel, grid, args, kw, G: int, redo=None):
+    """kernel[grid](*args, **kw) with the shuffle-layout check above; on a failed check redo() (clears outputs
+    that accumulate) and run it again with SHFL=False."""
+    name = kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel)
+    if name in _SHFL_OFF:
+        kw = dict(kw, SHFL=False)
+    compiled = kernel[grid](*args, **kw)
+    if not kw.get("SHFL") or compiled is None or not hasattr(compiled, "asm"):
+        return
+    ok = _SHFL_CHECKED.get(id(compiled))
+    if ok is None:
+        ok = _SHFL_CHECKED[id(compiled)] = _shfl_layout_ok(compiled.asm.get("ttgir", ""), G)
+    if not ok:
+        import warnings
+
+        warnings.warn(f"{name}: this Triton lays the shuffled tensors out differently than the kernel assumes; "
+                      "using the slower path without warp shuffles", RuntimeWarning, stacklevel=3)
+        _SHFL_OFF.add(name)
+        if redo is not None:
+            redo()
+        kernel[grid](*args, **dict(kw, SHFL=False))
+
+
+def _bc_rows(x: torch.Tensor, NP: int, T: int) -> torch.Tensor:
+    """B / C (batch, d_state, L) -> fp32 (batch, L_bc, NP), L_bc = L rounded up to T, zero-padded states and steps:
+    one contiguous row per time step, so a lane's states of one step are one vector load, and whole tiles load
+    without masks. One small copy (the tensor is d_inner times smaller than u)."""
+    b, n, L = x.shape
+    Lb = triton.cdiv(L, T) * T
+    out = torch.empty((b, Lb, NP), device=x.device, dtype=torch.float32)
+    if NP > n:
+        out[:, :, n:].zero_()
+    if Lb > L:
+        out[:, L:].zero_()
+    out[:, :L, :n].copy_(x.transpose(1, 2))
+    return out
+
+
 def _forward(u, delta, A, B, C, D, z, delta_bias, h0, softplus: bool, save_ck: bool):
     """Launch the forward kernels. Returns y, final_state (b, d, n) fp32, checkpoints (b, n_ck, n, d) or None."""
     b, d, L = u.shape
@@ -662,7 +1140,7 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, softplus: bool, save_ck: b
     NP = triton.next_power_of_2(n)
     dev = u.device
     cfg = _pick_config(b, d, L, u.dtype, dev, backward=False)
-    BD, T, nw = cfg["BLOCK_D"], cfg["T"], cfg["num_warps"]
+    G, T, nw = min(cfg.get("G", 1), NP), cfg["T"], cfg["num_warps"]
     ck_len = CK_DEFAULT
     seg, n_seg = _seg_len(L, cfg["n_seg"], ck_len)
     n_ck = triton.cdiv(L, ck_len)
@@ -672,18 +1150,43 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, softplus: bool, save_ck: b
     ck = torch.empty((b, n_ck, n, d), **f32) if save_ck else hout
     dummy = hout
     h0p = h0.transpose(1, 2).contiguous() if h0 is not None else None          # (b, n, d)
-    grid = (triton.cdiv(d, BD), b, n_seg)
     zz = z if z is not None else u
-    common = dict(N=n, NP=NP, BLOCK_D=BD, T=T, HAS_D=D is not None, HAS_Z=z is not None,
-                  HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, N_POLY=min(cfg["N_POLY"], n), num_warps=nw)
-    strides = (u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), B.stride(0), B.stride(2),
-               C.stride(0), C.stride(2), zz.stride(0), zz.stride(1), y.stride(0), y.stride(1))
     opt = (D if D is not None else dummy, zz, delta_bias if delta_bias is not None else dummy)
+    if G == 1:
+        BD = cfg.get("BLOCK_D", 32 * nw)
+        B, C = _n_contig(B), _n_contig(C)
+        kernel, check = _fwd_kernel, None
+        bc = (B, C)
+        common = dict(N=n, NP=NP, BLOCK_D=BD, T=T, HAS_D=D is not None, HAS_Z=z is not None,
+                      HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, N_POLY=min(cfg["N_POLY"], n), num_warps=nw)
+        sizes = ()
+        strides = (u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), B.stride(0), B.stride(2),
+                   C.stride(0), C.stride(2), zz.stride(0), zz.stride(1), y.stride(0), y.stride(1))
+    else:
+        BD = 32 * nw // G
+        assert T % G == 0 and ck_len % T == 0, (T, G, ck_len)
+        kernel, check = _fwd_split_kernel, G
+        bc = (_bc_rows(B, NP, T), _bc_rows(C, NP, T))
+        common = dict(N=n, NP=NP, G=G, BLOCK_D=BD, T=T, HAS_D=D is not None, HAS_Z=z is not None,
+                      HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, N_POLY=min(cfg["N_POLY"], NP // G),
+                      TC=min(cfg["TC"], T), BC_PRE=cfg["BC_PRE"], FMA_RCP=cfg["FMA_RCP"],
+                      SHFL=os.environ.get("TRITON_INTERPRET") != "1", num_warps=nw)
+        sizes = (bc[0].shape[1],)                                              # L_bc
+        strides = (u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), zz.stride(0), zz.stride(1),
+                   y.stride(0), y.stride(1))
+    grid = (triton.cdiv(d, BD), b, n_seg)
+
+    def launch(args, kw):
+        if check is None:
+            kernel[grid](*args, **kw)
+        else:
+            _launch_checked(kernel, grid, args, kw, check)
+
     if n_seg > 1:
         hloc = torch.empty((b, n_seg, n, d), **f32)
         dsum = torch.empty((b, n_seg, d), **f32)
-        _fwd_kernel[grid](u, delta, A, B, C, *opt, dummy, y, hloc, dsum, dummy, L, d, seg, n_seg, 1, *strides,
-                          CK=0, HAS_H0=False, LOCAL=True, **common)
+        launch((u, delta, A, *bc, *opt, dummy, y, hloc, dsum, dummy, L, *sizes, d, seg, n_seg, 1, *strides),
+               dict(CK=0, HAS_H0=False, LOCAL=True, **common))
         hstart = torch.empty((b, n_seg, n, d), **f32)
         fin = torch.empty((b, n, d), **f32)
         total = b * d * n
@@ -693,14 +1196,15 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, softplus: bool, save_ck: b
         h0_main, has_h0 = hstart, True
     else:
         h0_main, has_h0 = (h0p if h0p is not None else dummy), h0p is not None
-    _fwd_kernel[grid](u, delta, A, B, C, *opt, h0_main, y, hout, dummy, ck, L, d, seg, n_seg, n_ck, *strides,
-                      CK=ck_len if save_ck else 0, HAS_H0=has_h0, LOCAL=False, **common)
+    launch((u, delta, A, *bc, *opt, h0_main, y, hout, dummy, ck, L, *sizes, d, seg, n_seg, n_ck, *strides),
+           dict(CK=ck_len if save_ck else 0, HAS_H0=has_h0, LOCAL=False, **common))
     final = hout[:, -1].transpose(1, 2).contiguous()
     return y, final, (ck if save_ck else None)
 
 
 def _backward(dout, dfinal, u, delta, A, B, C, D, z, delta_bias, softplus: bool, ck):
     """Launch the backward kernels. Returns du, ddelta, dz (input dtypes), dA, dB, dC, dD, dbias, dh0 (fp32)."""
+    B, C = _n_contig(B), _n_contig(C)
     b, d, L = u.shape
     n = A.shape[1]
     NP = triton.next_power_of_2(n)
@@ -724,8 +1228,13 @@ def _backward(dout, dfinal, u, delta, A, B, C, D, z, delta_bias, softplus: bool,
     dummy = dh0
     grid = (n_db, b, n_seg)
     zz = z if z is not None else u
+    assert BD == 32 * nw, (BD, nw)         # one channel per lane: the dB / dC reduce-scatter works on lanes
+    m0 = 2 * T * NP                        # dB and dC values per tile, summed over each warp's 32 channels
+    mf = max(1, m0 // 32)                  # values per lane after the reduce-scatter
+    lowb = (32 // m0).bit_length() - 1 if m0 < 32 else 0      # lane bits that only hold copies
     common = dict(N=n, NP=NP, BLOCK_D=BD, T=T, CK=ck_len, HAS_D=D is not None, HAS_Z=z is not None,
-                  HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, N_POLY=min(cfg["N_POLY"], n), num_warps=nw)
+                  HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, N_POLY=min(cfg["N_POLY"], n),
+                  SHFL=os.environ.get("TRITON_INTERPRET") != "1", MF=mf, LOWB=lowb, num_warps=nw)
     strides = (u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), B.stride(0), B.stride(2),
                C.stride(0), C.stride(2), zz.stride(0), zz.stride(1), dout.stride(0), dout.stride(1))
     pf = dfinal.float().transpose(1, 2).contiguous() if dfinal is not None else None     # (b, n, d)
@@ -746,10 +1255,11 @@ def _backward(dout, dfinal, u, delta, A, B, C, D, z, delta_bias, softplus: bool,
     else:
         pend, has_pend = (pf if pf is not None else dummy), pf is not None
     scr = torch.empty((n_db * b * n_seg, ck_len // T, n, BD), **f32)
-    _bwd_kernel[grid](u, delta, A, B, C, *opt, dout, ck, pend, scr,
-                      du, ddelta, dz if dz is not None else dummy, dBt, dCt, dAp,
-                      dDp if dDp is not None else dummy, dbp if dbp is not None else dummy, dh0, dummy, dummy,
-                      L, d, seg, n_seg, n_ck, *strides, HAS_PEND=has_pend, LOCAL=False, **common)
+    _launch_checked(_bwd_kernel, grid,
+                    (u, delta, A, B, C, *opt, dout, ck, pend, scr, du, ddelta, dz if dz is not None else dummy, dBt,
+                     dCt, dAp, dDp if dDp is not None else dummy, dbp if dbp is not None else dummy, dh0, dummy, dummy,
+                     L, d, seg, n_seg, n_ck, *strides),
+                    dict(HAS_PEND=has_pend, LOCAL=False, **common), 32, redo=lambda: (dBt.zero_(), dCt.zero_()))
     dB = dBt[:, :, :n].transpose(1, 2)
     dC = dCt[:, :, :n].transpose(1, 2)
     dA = dAp.sum((0, 1)).t()
@@ -800,7 +1310,6 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
         args = [t.float() if t is not None and t.dtype == torch.float64 else t for t in args]
     u, delta, A, B, C, D, z, delta_bias, initial_state = args
     u, delta, z = (_lastdim_contig(t) for t in (u, delta, z))
-    B, C = _n_contig(B), _n_contig(C)
     A = A.contiguous()
     D = D.contiguous() if D is not None else None
     delta_bias = delta_bias.contiguous() if delta_bias is not None else None

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import importlib
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -22,6 +24,7 @@ from kernels import selective_scan, selective_state_update  # noqa: E402
 from kernels.reference import selective_scan_reference  # noqa: E402
 
 ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +43,14 @@ def ts():
     mod.CK_DEFAULT = saved[1]
 
 
-def configure(ts, n_seg=1, ck=8, bwd_seg=None):
-    """Small blocks and chunks so that tiny problems still cross every boundary the GPU sizes do."""
+def configure(ts, n_seg=1, ck=8, bwd_seg=None, G=4, T=None, TC=2, bc_pre=True, n_poly=1, fma_rcp=True):
+    """Small blocks and chunks so that tiny problems still cross every boundary the GPU sizes do. Forward: G lanes
+    per channel (d_state split G ways; 8 channels per program at G = 4), T-step tiles (T divides ck), B / C loaded
+    TC steps at a time, the first N_POLY states of each lane through the polynomial exp2, reciprocals in softplus
+    and sigmoid on the FMA units (fma_rcp) or the special-function unit."""
     ts.CK_DEFAULT = ck
-    ts._CONFIG_OVERRIDE["fwd"] = {"n_seg": n_seg, "BLOCK_D": 32, "num_warps": 1}
+    ts._CONFIG_OVERRIDE["fwd"] = {"n_seg": n_seg, "G": G, "T": T or max(4, G), "TC": TC, "BC_PRE": bc_pre,
+                                  "N_POLY": n_poly, "FMA_RCP": fma_rcp, "num_warps": 1}
     ts._CONFIG_OVERRIDE["bwd"] = {"n_seg": bwd_seg or n_seg, "BLOCK_D": 32, "num_warps": 1}
 
 
@@ -89,13 +96,32 @@ def run_both(inp, softplus=True, final=True, use=ARGS, grads=False, seed=1):
     return out, ref, {k: v.grad for k, v in kw.items()}, {k: v.grad for k, v in kw64.items()}
 
 
+@pytest.mark.parametrize("G", [1, 4])
 @pytest.mark.parametrize("n_seg", [1, 3])
-def test_forward_all_options(ts, n_seg):
-    configure(ts, n_seg=n_seg)
+def test_forward_all_options(ts, n_seg, G):
+    """Both forward kernels: one lane per channel (G = 1) and d_state split over 4 lanes."""
+    configure(ts, n_seg=n_seg, G=G)
     inp = make(2, 32, 4, 45)                   # 45: not a multiple of the tile (4) or the chunk (8)
     (y, hT), (yr, hr), _, _ = run_both(inp)
     assert y.shape == yr.shape and y.dtype == torch.float32
     assert rel(y, yr) < 1e-5 and rel(hT, hr) < 1e-5
+
+
+@pytest.mark.parametrize("G,T,TC,bc_pre,n_poly,nw,fma_rcp", [
+    (1, 4, 4, True, 0, 1, False),        # one lane holds all states (32 channels per program)
+    (2, 8, 2, False, 1, 1, True),
+    (4, 8, 8, True, 0, 2, True),         # two warps: 16 channels per program
+    (4, 4, 2, False, 1, 1, False),       # one step per lane per tile
+])
+def test_forward_state_split_layouts(ts, G, T, TC, bc_pre, n_poly, nw, fma_rcp):
+    """The d_state split (G lanes per channel), tile and chunk sizes, against the reference: d_state 16 and 3
+    (padded to 4), channels not a multiple of the block, L not a multiple of the tile, with and without segments."""
+    for n, n_seg, seed in ((16, 1, 21), (3, 3, 22)):
+        configure(ts, n_seg=n_seg, G=G, T=T, TC=TC, bc_pre=bc_pre, n_poly=n_poly, fma_rcp=fma_rcp)
+        ts._CONFIG_OVERRIDE["fwd"]["num_warps"] = nw
+        inp = make(2, 40, n, 29, seed=seed)
+        (y, hT), (yr, hr), _, _ = run_both(inp)
+        assert rel(y, yr) < 1e-5 and rel(hT, hr) < 1e-5, (n, n_seg)
 
 
 @pytest.mark.parametrize("use,softplus", [
@@ -155,6 +181,17 @@ def test_backward_all_options(ts, n_seg, ck):
         assert rel(g[k], gr[k]) < 1e-5, k
 
 
+@pytest.mark.parametrize("n", [8, 16])
+def test_backward_d_state_8_and_16(ts, n):
+    """d_state 8 and 16: each warp's dB / dC sums end as one or two values per lane (reduce-scatter over 32 lanes);
+    40 channels: a full and a partial channel block."""
+    configure(ts, n_seg=2, ck=4)
+    inp = make(1, 40, n, 11, seed=12 + n)
+    _, _, g, gr = run_both(inp, grads=True)
+    for k in ARGS:
+        assert rel(g[k], gr[k]) < 1e-5, k
+
+
 def test_backward_minimal_options(ts):
     configure(ts)
     inp = make(1, 32, 4, 14, seed=9)
@@ -172,6 +209,62 @@ def test_backward_bf16_inputs(ts):
     assert g["u"].dtype == torch.bfloat16 and g["A"].dtype == torch.float32
     for k in ARGS:
         assert rel(g[k], gr[k]) < 1e-2, k
+
+
+def test_shuffle_layout_check(ts):
+    """The check that guards the warp shuffles: they need the group's lanes on the lowest lane bits (forward: G lanes
+    of a channel, dim 0; backward: 32 channels, one per lane). Wrong layouts, or no shuffle found, must fail it."""
+    def ir(layout, shape="4x8"):
+        return (f"#l = {layout}\n"
+                f'%1 = tt.elementwise_inline_asm "shfl.sync.idx.b32 $0, $1, $2, $3, -1;" {{constraints = "=r,r,r,r", '
+                f"packed_element = 1 : i32, pure = true}} %0 : tensor<{shape}xf32, #l> -> tensor<{shape}xf32, #l>\n")
+    g_low = "#ttg.blocked<{sizePerThread = [1, 1], threadsPerWarp = [4, 8], warpsPerCTA = [1, 1], order = [0, 1]}>"
+    d_low = "#ttg.blocked<{sizePerThread = [1, 1], threadsPerWarp = [4, 8], warpsPerCTA = [1, 1], order = [1, 0]}>"
+    lin_ok = ("#ttg.linear<{register = [], lane = [[1, 0], [2, 0], [0, 1], [0, 2], [0, 4]], warp = [], "
+              "block = []}>")
+    lin_bad = ("#ttg.linear<{register = [], lane = [[0, 1], [0, 2], [0, 4], [1, 0], [2, 0]], warp = [], "
+               "block = []}>")
+    assert ts._shfl_layout_ok(ir(g_low), 4) and ts._shfl_layout_ok(ir(lin_ok), 4)
+    assert not ts._shfl_layout_ok(ir(d_low), 4) and not ts._shfl_layout_ok(ir(lin_bad), 4)
+    lanes = "#ttg.blocked<{sizePerThread = [1], threadsPerWarp = [32], warpsPerCTA = [1], order = [0]}>"
+    assert ts._shfl_layout_ok(ir(lanes, "32"), 32) and not ts._shfl_layout_ok(ir(g_low), 32)
+    assert not ts._shfl_layout_ok(f"#l = {g_low}\n", 4)                 # no shuffle: not trusted
+
+
+def test_shuffle_layout_check_reads_compiled_ir():
+    """Compile the forward for sm_90 with the installed Triton (no GPU needed) and run the check on its real TTGIR:
+    the regexes must find the shuffles and parse their layouts (whether this Triton passes decides speed, not
+    correctness: a failing kernel is rerun without shuffles)."""
+    code = """
+import re, sys
+sys.path.insert(0, ".")
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import kernels.triton_scan as ts
+fn = ts._fwd_split_kernel
+consts = dict(N=16, NP=16, G=4, BLOCK_D=8, T=8, CK=0, HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True,
+              HAS_H0=False, LOCAL=False, N_POLY=0, TC=4, BC_PRE=True, FMA_RCP=True, SHFL=True)
+sig = {n: ("constexpr" if n in consts else "*bf16" if n in ("u_ptr", "dt_ptr", "z_ptr", "y_ptr")
+           else "*fp32" if n.endswith("_ptr") else "i32") for n in fn.arg_names}
+k = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
+ir = k.asm["ttgir"]
+used = set(re.findall(r'elementwise_inline_asm "shfl[^\\n]*-> tensor<[^,>]*, (#[\\w]+)>', ir))
+defs = dict(re.findall(r"^(#[\\w]+) = (#ttg\\.\\w+<.*>)\\s*$", ir, re.M))
+assert used and all(ts._lane_bases(defs[u]) for u in used), (used, list(defs))
+print("layout ok" if ts._shfl_layout_ok(ir, 4) else "layout differs")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    try:
+        r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=600)
+    except subprocess.TimeoutExpired:
+        pytest.skip("compiling for sm_90 took too long")
+    if r.returncode != 0 and ("ptxas" in r.stderr or "No module named" in r.stderr):
+        pytest.skip("this Triton cannot compile for sm_90 here: " + r.stderr[-300:])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] in ("layout ok", "layout differs")
 
 
 def test_step_kernel_matches_torch_step(ts):
