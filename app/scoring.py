@@ -18,7 +18,6 @@ import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from app.db import scoring_store
@@ -102,22 +101,10 @@ def load_champion(model_name: str, tracking_uri: str) -> tuple[RoMDetector, str]
 
 
 def store_index(store: Any) -> list[tuple[str, str, date, date]]:
-    """(equipment type, equipment, first day, last day) of every equipment in the store, sorted. Read from the
-    partition folders (no parquet file is opened: types have different columns)."""
-    from urllib.parse import unquote
+    """(equipment type, equipment, first day, last day) of every equipment in the store, sorted."""
+    from pipelines.ingest.store import store_index as index
 
-    from pipelines.ingest.store import DATA_FILE
-
-    found: dict[tuple[str, str], list[date]] = {}
-    for f in Path(store).glob(f"equipment_type=*/equipment=*/date=*/{DATA_FILE}"):
-        day_dir, eq_dir, type_dir = f.parent, f.parent.parent, f.parent.parent.parent
-        try:
-            day = date.fromisoformat(unquote(day_dir.name.split("=", 1)[1]))
-        except ValueError:
-            continue  # not a partition of ours
-        key = (unquote(type_dir.name.split("=", 1)[1]), unquote(eq_dir.name.split("=", 1)[1]))
-        found.setdefault(key, []).append(day)
-    return [(t, e, min(d), max(d)) for (t, e), d in sorted(found.items())]
+    return index(store)
 
 
 def type_grid(plant: PlantConfig, equipment_type: str) -> timedelta | None:

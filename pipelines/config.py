@@ -369,7 +369,7 @@ EXAMPLE_PLANT_TOML = '''\
 
 [plant]
 name = "demo-plant"
-store = "store"                       # ingested parquet dataset (equipment_type=/equipment=/date=)
+store = "store"                       # ingested parquet dataset (equipment_type=/equipment=/month=)
 quarantine = "quarantine"             # rejected rows with file, line and reason (one parquet per run)
 reports = "reports"                   # ingest reports (JSON)
 database_url = "sqlite:///rmamba.db"  # application database (or postgresql+psycopg://user@host/db)

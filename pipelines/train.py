@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from pipelines.config import EquipmentType, PlantConfig
 from pipelines.detector import RobustScaler, RoMDetector, frame_arrays
-from pipelines.ingest.store import TS, read_range, scan_store
+from pipelines.ingest.store import TS, read_range, store_index
 from pipelines.thresholds import fit_threshold
 from rmamba import RoMConfig, RoMForecaster, count_parameters
 
@@ -257,13 +257,7 @@ def load_training_frames(store: str | Path, equipment_types: Mapping[str, Equipm
     until = _as_utc(train_until) if train_until is not None else None
     out: dict[str, dict[str, pl.DataFrame]] = {}
     for tname, etype in equipment_types.items():
-        try:
-            index = scan_store(store, equipment_type=tname).select("equipment", "date").unique().collect()
-        except FileNotFoundError:
-            continue
-        for eq in sorted(index["equipment"].unique().to_list()):
-            days = index.filter(pl.col("equipment") == eq)["date"]
-            start, end = days.min(), days.max()
+        for _, eq, start, end in store_index(store, equipment_type=tname):
             if until is not None:
                 end = min(end, until.date())
             if start > end:

@@ -125,10 +125,10 @@ def test_wide_aligns_to_grid_with_bounded_ffill_and_mask(tmp_path):
     assert p1["pressure__missing"].to_list() == [False, True, True, True, True, True, False]
     assert p1["vibration"].null_count() == 7 and p1["vibration__missing"].all()  # optional, absent
     assert store(cfg, "P2")["flow"].to_list() == [50]
-    # layout: equipment_type=/equipment=/date=, partition columns come back through hive partitioning
+    # layout: equipment_type=/equipment=/month=, partition columns come back through hive partitioning
     files = sorted(p.relative_to(cfg.store).as_posix() for p in cfg.store.rglob("*.parquet"))
-    assert files == ["equipment_type=pump/equipment=P1/date=2024-01-15/part-0.parquet",
-                     "equipment_type=pump/equipment=P2/date=2024-01-15/part-0.parquet"]
+    assert files == ["equipment_type=pump/equipment=P1/month=2024-01/part-0.parquet",
+                     "equipment_type=pump/equipment=P2/month=2024-01/part-0.parquet"]
     assert set(p1["equipment_type"]) == {"pump"}
     assert pl.read_parquet(cfg.store / files[0]).columns == [
         "timestamp", "flow", "pressure", "vibration", "flow__missing", "pressure__missing", "vibration__missing"]
@@ -137,27 +137,32 @@ def test_wide_aligns_to_grid_with_bounded_ffill_and_mask(tmp_path):
     assert r.watermark.max_ts == {"P1": utc(2024, 1, 15, 10, 6), "P2": utc(2024, 1, 15, 10, 2)}
 
 
-def test_days_partition_in_utc_and_fixed_equipment_id(tmp_path):
+def test_months_partition_in_utc_and_fixed_equipment_id(tmp_path):
     src = {**WIDE, "equipment_id": "P/9 x", "timezone": "America/New_York"}
     del src["equipment_id_column"]
     cfg = plant(tmp_path, [src])
-    write_raw(tmp_path, "a.csv", wide_csv([("2024-01-15 18:59:00", 1, 1), ("2024-01-15 19:00:00", 2, 2)],
+    write_raw(tmp_path, "a.csv", wide_csv([("2024-01-31 18:59:00", 1, 1), ("2024-01-31 19:00:00", 2, 2)],
                                           header="timestamp,flow,pressure"))
     ingest(cfg)
     df = store(cfg)
-    assert df["timestamp"].to_list() == [utc(2024, 1, 15, 23, 59), utc(2024, 1, 16, 0, 0)]
-    assert sorted(df["date"].cast(pl.String).to_list()) == ["2024-01-15", "2024-01-16"]
+    assert df["timestamp"].to_list() == [utc(2024, 1, 31, 23, 59), utc(2024, 2, 1, 0, 0)]
+    assert df["month"].to_list() == ["2024-01", "2024-02"]  # UTC months, not local ones
     assert set(df["equipment"]) == {"P/9 x"}  # percent-encoded in the path, decoded on read
     assert (cfg.store / "equipment_type=pump" / "equipment=P%2F9%20x").is_dir()
 
 
-def test_month_chunks_join_seamlessly(tmp_path):
-    """Stage B works one equipment-month at a time; the fill, the gaps and the duplicates do not notice."""
+@pytest.mark.parametrize("chunk_bytes", [1, 1 << 30])
+def test_month_and_chunk_boundaries_join_seamlessly(tmp_path, monkeypatch, chunk_bytes):
+    """Stage B works on chunks of an equipment's staged 32-day periods (here one at a time, or all at once); the
+    fill, the gaps, the duplicates and the month files do not notice."""
+    monkeypatch.setattr("pipelines.ingest.run.CHUNK_BYTES", chunk_bytes)
     cfg = plant(tmp_path, max_ffill=2)
     rows = [("2024-01-31 23:57:00", "P1", 1, 1), ("2024-01-31 23:58:00", "P1", 2, 1),
             ("2024-02-01 00:02:00", "P1", 3, 1),  # 23:59 and 00:00 filled across the month boundary
             ("2024-02-01 00:02:00", "P1", 3, 1),  # exact duplicate
-            ("2024-03-01 00:00:00", "P1", 9, 1)]  # a month later: one long gap
+            ("2024-02-22 23:58:00", "P1", 4, 1),  # a staging period ends at Feb 23 00:00 UTC: the fill crosses it
+            ("2024-02-23 00:01:00", "P1", 5, 1),
+            ("2024-03-01 00:00:00", "P1", 9, 1)]  # a week later: one long gap
     write_raw(tmp_path, "a.csv", wide_csv(rows))
     r = ingest(cfg)
     df = store(cfg)
@@ -165,9 +170,12 @@ def test_month_chunks_join_seamlessly(tmp_path):
     head = df.head(6)
     assert head["flow"].to_list() == [1, 2, 2, 2, None, 3]
     assert head["flow__missing"].to_list() == [False, False, True, True, True, False]
-    assert r.report.deduplicated == 1 and r.report.gaps == 2
+    edge = df.filter(pl.col("timestamp").is_between(utc(2024, 2, 22, 23, 58), utc(2024, 2, 23, 0, 1)))
+    assert edge["flow"].to_list() == [4, 4, 4, 5] and edge["flow__missing"].to_list() == [False, True, True, False]
+    assert r.report.deduplicated == 1 and r.report.gaps == 3
     assert df["timestamp"].diff().drop_nulls().unique().to_list() == [timedelta(minutes=1)]
-    assert len({p.parent.name for p in cfg.store.rglob("*.parquet")}) == 31  # one file per UTC day
+    assert sorted(p.parent.name for p in cfg.store.rglob("*.parquet")) == [  # one file per UTC month
+        "month=2024-01", "month=2024-02", "month=2024-03"]
 
 
 def test_worker_processes_give_the_same_result(tmp_path):
@@ -220,6 +228,32 @@ def test_dst_gap_and_offsets(tmp_path):
     assert q["raw"].to_list() == ["2024-03-31 02:30:00,P1,2,1"]
     assert store(cfg).filter(~pl.col("flow__missing"))["timestamp"].to_list() == [
         utc(2024, 3, 31, 0, 59), utc(2024, 3, 31, 1, 0)]
+
+
+@pytest.mark.parametrize("tz", ["Europe/Berlin", "America/New_York", "Australia/Lord_Howe", "Africa/Casablanca",
+                                "Pacific/Apia", "America/Sao_Paulo", "Antarctica/Troll", "Asia/Kolkata"])
+def test_local_times_match_polars_conversions(tz):
+    """Converting each distinct hour (and only the rows of hours with a clock change one by one) gives what
+    converting every row twice, for the earliest and the latest reading, gives: 30 min set-backs, Ramadan
+    breaks, skipped days, 2 h shifts, local mean time and far-future rules included."""
+    from pipelines.config import SourceConfig
+    from pipelines.ingest.quality import timestamp_stages
+
+    naive = pl.concat([pl.datetime_range(datetime(a, 1, 1), datetime(b, 1, 1), "30m", eager=True, time_unit="us")
+                       for a, b in ((1890, 1892), (1940, 1946), (2010, 2027), (2195, 2197))])
+    naive = naive.append(naive.dt.offset_by("5m") + timedelta(microseconds=1))  # inside and off the half hours
+    src = SourceConfig("s", "x", "pump", timestamp_format="%Y-%m-%d %H:%M:%S%.f", timezone=tz)
+    lf = pl.DataFrame({"t": naive.dt.strftime("%Y-%m-%d %H:%M:%S%.f")}).lazy()
+    for step in timestamp_stages("t", src, pl.String):
+        lf = lf.with_columns(step)
+    got = lf.select("ts_e", "ts_l", "_amb", "_nonexist").collect()
+    n = pl.lit(naive)
+    e = n.dt.replace_time_zone(tz, ambiguous="earliest", non_existent="null").dt.convert_time_zone("UTC")
+    late = n.dt.replace_time_zone(tz, ambiguous="latest", non_existent="null").dt.convert_time_zone("UTC")
+    want = pl.select(e.alias("ts_e"), late.alias("ts_l"), (e != late).fill_null(False).alias("_amb"),
+                     e.is_null().alias("_nonexist"))
+    assert got.equals(want)
+    assert tz == "Asia/Kolkata" or got["_amb"].sum() > 0
 
 
 def test_timestamps_with_offsets_ignore_zone(tmp_path):
@@ -284,13 +318,13 @@ def test_quality_words_sentinels_limits_and_quality_pairs(tmp_path):
 
 def test_stuck_sensor_reported(tmp_path):
     cfg = plant(tmp_path, stuck_steps=3)
-    rows = [(f"2024-01-15 10:{m:02d}:00", "P1", 5.0 if 2 <= m <= 7 else m, 1.0 + m) for m in range(10)]
+    flow = {**{m: 5.0 for m in range(2, 8)}, **{m: 9.0 for m in (12, 13, 15, 16)}, 14: ""}  # 10:14 no reading
+    rows = [(f"2024-01-15 10:{m:02d}:00", "P1", flow.get(m, m), 1.0 + m) for m in range(20)]
     write_raw(tmp_path, "a.csv", wide_csv(rows))
     r = ingest(cfg)
-    assert r.report.stuck == 1
-    (s,) = r.report.stuck_list
-    assert (s["sensor"], s["steps"], s["value"]) == ("flow", 6, 5.0)
-    assert s["start"].startswith("2024-01-15T10:02") and s["end"].startswith("2024-01-15T10:07")
+    assert r.report.stuck == 2
+    assert [(s["sensor"], s["steps"], s["value"], s["start"][11:16], s["end"][11:16]) for s in r.report.stuck_list] == [
+        ("flow", 6, 5.0, "10:02", "10:07"), ("flow", 4, 9.0, "10:12", "10:16")]  # a missing reading does not end a run
 
 
 def test_schema_drift(tmp_path):

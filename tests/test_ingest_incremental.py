@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import polars as pl
@@ -95,6 +96,54 @@ def test_new_file_and_rewritten_file(tmp_path):
     assert r3.report.kept == 5
     df = store(cfg)
     assert df.height == 25 and df["flow"][3] == 3.0  # the stored value stands
+
+
+def test_new_rows_merge_into_the_existing_month_file(tmp_path):
+    """A later batch for a month already in the store replaces that month's one file: the stored rows stay, the
+    new rows join them, nothing is there twice, other equipment is not rewritten; the store ends up as one
+    ingest of everything would have made it."""
+    rows_a = _rows(0, 30) + _rows(0, 10, "P2")
+    inc = plant(tmp_path / "inc", max_ffill=3)
+    write_raw(tmp_path / "inc", "a.csv", wide_csv(rows_a))
+    r1 = ingest(inc, run_id="r1")
+    p1_file = inc.store / "equipment_type=pump" / "equipment=P1" / "month=2024-01" / "part-0.parquet"
+    before = pl.read_parquet(p1_file)
+    p2_before = snapshot(inc.store / "equipment_type=pump" / "equipment=P2")
+    write_raw(tmp_path / "inc", "b.csv", wide_csv(_rows(40, 60)))  # P1, later the same month (after a gap)
+    r2 = ingest(inc, r1.watermark, run_id="r2")
+    assert (r2.report.rows_in, r2.report.kept, r2.report.partitions_written) == (20, 20, 1)
+    assert sorted(p.relative_to(inc.store).as_posix() for p in inc.store.rglob("*")
+                  if p.is_file()) == ["equipment_type=pump/equipment=P1/month=2024-01/part-0.parquet",
+                                      "equipment_type=pump/equipment=P2/month=2024-01/part-0.parquet"]
+    after = pl.read_parquet(p1_file)
+    assert after.height == 60 and after["timestamp"].is_sorted() and after["timestamp"].n_unique() == 60
+    assert after.head(30).equals(before)  # the stored rows, untouched
+    assert after["flow__missing"].sum() == 10  # the gap 00:30..00:39: 3 filled steps, then nulls
+    assert snapshot(inc.store / "equipment_type=pump" / "equipment=P2") == p2_before
+    r3 = ingest(inc, r2.watermark, run_id="r3")  # and again: nothing changes
+    assert r3.report.partitions_written == 0 and pl.read_parquet(p1_file).equals(after)
+
+    full = plant(tmp_path / "full", max_ffill=3)
+    write_raw(tmp_path / "full", "a.csv", wide_csv(rows_a + _rows(40, 60)))
+    ingest(full)
+    assert store(inc).equals(store(full))
+
+
+def test_a_second_source_keeps_the_stored_tail_of_a_month(tmp_path):
+    """Rows of another source before the stored ones rewrite the month without dropping the grid rows that
+    lead to the next month's first reading."""
+    src = {"path": "raw/a*.csv", "timestamp_format": "%Y-%m-%d %H:%M:%S", "timezone": "UTC",
+           "equipment_type": "pump", "equipment_id_column": "equipment_id", "max_ffill": 3, "stuck_steps": 0}
+    cfg = plant(tmp_path, [src, {**src, "path": "raw/b*.csv"}])
+    write_raw(tmp_path, "a.csv", wide_csv([("2024-01-31 23:50:00", "P1", 5, 1), ("2024-02-01 00:10:00", "P1", 6, 1)]))
+    write_raw(tmp_path, "b.csv", wide_csv([("2024-01-31 23:40:00", "P1", 4, 1)]))
+    ingest(cfg, source=0)
+    ingest(cfg, source=1)
+    df = store(cfg)
+    assert df["timestamp"].to_list() == [datetime(2024, 1, 31, 23, 40, tzinfo=UTC) + timedelta(minutes=i)
+                                         for i in range(31)]
+    assert df.filter(~pl.col("flow__missing"))["flow"].to_list() == [4, 5, 6]
+    assert df["month"].unique().sort().to_list() == ["2024-01", "2024-02"]
 
 
 def test_commit_without_watermark_is_idempotent(tmp_path):

@@ -235,3 +235,45 @@ def test_wide_parser_property(tmp_path_factory, lines):
                 assert minute in got and (got[minute] == v if v == v else got[minute] is None)
             else:
                 assert minute not in got
+
+
+def _clean_lines_reference(data: bytes, n_columns: int, skip_lines: int) -> int | None:
+    """What readers._clean_data_lines must return, written plainly: the data lines after the header and
+    ``skip_lines``, when each is valid UTF-8 without U+FFFD or quotes and has exactly n_columns - 1 commas."""
+    lines = data.split(b"\n")
+    if data.endswith(b"\n"):
+        lines = lines[:-1]
+    rest = lines[max(skip_lines, 1):]
+    for line in rest:
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        if '"' in text or "\ufffd" in text or text.count(",") != n_columns - 1:
+            return None
+    return len(rest)
+
+
+_raw_line = st.one_of(
+    st.just(b"2024-01-15 10:00:00,P1,1.5"), st.just(b"a,b,c"), st.just(b"a,b"), st.just(b"a,b,c,d"), st.just(b""),
+    st.just(b'"a,b",c'), st.just(b"\xc3\xa9,b,c"), st.just(b"\xff,b,c"), st.just("\ufffd,b,c".encode()),
+    st.just(b"a,b,c\r"), st.binary(max_size=6))
+
+
+@given(st.lists(_raw_line, max_size=12), st.booleans(), st.integers(0, 14), st.integers(1, 9))
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_clean_line_check_property(tmp_path_factory, lines, final_newline, skip, chunk):
+    """The bytes-level fast check agrees with a line-by-line reference, whatever the chunk size (lines cut
+    across chunks, multi-byte characters cut in two), lines skipped (appended files) and last line ending."""
+    import pipelines.ingest.readers as readers
+
+    data = b"h1,h2,h3\n" + b"\n".join(lines) + (b"\n" if final_newline and lines else b"")
+    path = tmp_path_factory.mktemp("clean") / "a.csv"
+    path.write_bytes(data)
+    saved = readers._CLEAN_CHUNK
+    readers._CLEAN_CHUNK = chunk
+    try:
+        got = readers._clean_data_lines(path, ",", 3, skip)
+    finally:
+        readers._CLEAN_CHUNK = saved
+    assert got == _clean_lines_reference(data, 3, skip)

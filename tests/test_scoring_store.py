@@ -25,7 +25,7 @@ from app.db import scoring_store as store
 from app.db.migrate import downgrade
 from app.scoring import NoChampionError, load_champion, score_plant
 from pipelines.config import load_plant_config
-from pipelines.ingest.store import partition_file, store_schema
+from pipelines.ingest.store import UTC_US, partition_file, store_schema, write_months
 from pipelines.score import SEVERITIES as STAGE_SEVERITIES
 from pipelines.score import ScoreConfig, score_equipment
 from tests.test_score import ANOMALIES, CFG, SENSORS, T0, final_alerts, store_frame, tiny_detector
@@ -258,16 +258,13 @@ def test_list_alerts_filters(engine, days):
 
 
 def write_store(store_dir: Path, plant, equipment: dict[str, tuple[str, pl.DataFrame]]) -> None:
-    """Write frames into the store layout (one parquet file per equipment and UTC day)."""
+    """Write frames into the store layout (one parquet file per equipment and UTC month)."""
     for eq, (etype, frame) in equipment.items():
         schema = store_schema(plant.equipment_types[etype])
         frame = frame.select([pl.col(c).cast(t) if c in frame.columns else pl.lit(True if t == pl.Boolean else None,
                                                                                      t).alias(c)
                               for c, t in schema.items()])
-        for (day,), part in frame.group_by(pl.col("timestamp").dt.date(), maintain_order=True):
-            path = partition_file(store_dir, etype, eq, day)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            part.write_parquet(path)
+        write_months(frame, lambda m, etype=etype, eq=eq: partition_file(store_dir, etype, eq, m))
 
 
 def plant_toml(tmp_path: Path, database_url: str, mlflow_uri: str = "sqlite:///mlflow.db") -> Path:
@@ -445,15 +442,17 @@ def test_cli_scores_with_the_registered_champion(tmp_path, det, capsys):
     assert "--since: expected an ISO 8601 time" in capsys.readouterr().err
 
 
-def test_store_index_reads_partition_folders(tmp_path):
+def test_store_index_reads_partition_folders_and_first_and_last_times(tmp_path):
     from app.scoring import store_index
 
-    for eq, day in (("P/2 x", "2026-03-01"), ("P/2 x", "2026-03-04"), ("P-1", "2026-03-02")):
-        path = partition_file(tmp_path, "pump", eq, datetime.fromisoformat(day).date())
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(b"")
-    (tmp_path / "equipment_type=pump" / "equipment=P-1" / "date=not-a-date").mkdir()
     d = datetime.fromisoformat
+    for eq, times in (("P/2 x", ["2026-02-27T23:00", "2026-03-01T00:00", "2026-03-04T12:00"]),
+                      ("P-1", ["2026-03-02T00:00"])):
+        frame = pl.DataFrame({"timestamp": [d(t + "+00:00") for t in times]}, schema={"timestamp": UTC_US})
+        write_months(frame, lambda m, eq=eq: partition_file(tmp_path, "pump", eq, m))
+    assert (tmp_path / "equipment_type=pump" / "equipment=P%2F2%20x" / "month=2026-02" / "part-0.parquet").exists()
+    (tmp_path / "equipment_type=pump" / "equipment=P-1" / "month=not-a-month").mkdir()
+    (tmp_path / "equipment_type=pump" / "equipment=P-1" / "month=not-a-month" / "part-0.parquet").write_bytes(b"")
     assert store_index(tmp_path) == [("pump", "P-1", d("2026-03-02").date(), d("2026-03-02").date()),
-                                     ("pump", "P/2 x", d("2026-03-01").date(), d("2026-03-04").date())]
+                                     ("pump", "P/2 x", d("2026-02-27").date(), d("2026-03-04").date())]
     assert store_index(tmp_path / "nothing") == []

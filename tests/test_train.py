@@ -13,7 +13,7 @@ import torch
 
 from pipelines.config import EquipmentType, SensorConfig
 from pipelines.detector import RoMDetector
-from pipelines.ingest.store import partition_file, store_schema
+from pipelines.ingest.store import partition_file, store_schema, write_months
 from pipelines.thresholds import fit_threshold
 from pipelines.train import (
     CHECKPOINT_FILE,
@@ -206,17 +206,14 @@ def write_store(root, etype: EquipmentType, eq: str, start: datetime, minutes: i
     df = pl.DataFrame({"timestamp": ts, "a": 5 + np.sin(t / 7), "b": 1.0 + 0.1 * np.cos(t / 3),
                        "a__missing": t % 50 == 7, "b__missing": np.zeros(minutes, dtype=bool)})
     df = df.with_columns(pl.col("timestamp").dt.cast_time_unit("us")).select(list(store_schema(etype)))
-    for (day,), part in df.group_by(pl.col("timestamp").dt.date(), maintain_order=True):
-        path = partition_file(root, etype.name, eq, day)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        part.write_parquet(path)
+    write_months(df, lambda m: partition_file(root, etype.name, eq, m))
     return df
 
 
 def test_store_stage_respects_train_until_missing_flags_and_holds_back_the_end_in_time(tmp_path):
     etype = EquipmentType("pump", (SensorConfig("a"), SensorConfig("b")))
-    start = datetime(2026, 3, 1, 22, tzinfo=UTC)
-    write_store(tmp_path, etype, "P-1", start, 600)  # crosses midnight: two day files
+    start = datetime(2026, 2, 28, 22, tzinfo=UTC)
+    write_store(tmp_path, etype, "P-1", start, 600)  # crosses into March: two month files
     until = start + timedelta(minutes=399)
     frames = load_training_frames(tmp_path, {"pump": etype, "fan": etype}, until)
     assert list(frames) == ["pump"] and frames["pump"]["P-1"].height == 400

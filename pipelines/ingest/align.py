@@ -11,14 +11,14 @@ nulls per reason, bucket readings onto the grid (the value at grid time T is the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 
 import polars as pl
 
 from pipelines.config import EquipmentType, SourceConfig
 from pipelines.ingest.quality import CODE, VALUE_REASONS, RowReason
-from pipelines.ingest.store import TS, UTC_US, Pending, read_days, read_range, store_schema
+from pipelines.ingest.store import TS, UTC_US, Pending, month_of, months_between, read_months, store_schema
 
 _MAX_LISTED = 20  # gaps / stuck runs listed per equipment in the report (all are counted)
 
@@ -42,7 +42,7 @@ class EquipmentOutcome:
     gap_steps: int = 0
     unobserved_sensors: list[str] = field(default_factory=list)
     max_ts: datetime | None = None
-    result: pl.DataFrame | None = None  # store rows to write (store schema, one file per UTC day)
+    result: pl.DataFrame | None = None  # store rows to write (store schema): whole months, one file each
 
 
 def bucket_expr(ts: pl.Expr, grid: str) -> pl.Expr:
@@ -58,8 +58,8 @@ def ceil_to_grid(t: datetime, grid: str) -> datetime:
 def process_equipment(df: pl.DataFrame, src: SourceConfig, etype: EquipmentType, equipment: str,
                       watermark: datetime | None, store: Path, pending: Pending | None = None) -> EquipmentOutcome:
     """Stage B for one equipment. ``df`` holds its usable staged rows (see readers.py for columns), all of
-    them, or one calendar month of them at a time in time order (``watermark`` then being the newest time
-    of the months before, and ``pending`` the store files they produced)."""
+    them, or one chunk of whole staging periods at a time in time order (``watermark`` then being the newest
+    time of the chunks before, and ``pending`` the store files they produced)."""
     long = src.layout == "long"
     out = EquipmentOutcome(equipment=equipment)
     key = [TS, "sensor"] if long else [TS]
@@ -169,13 +169,14 @@ def _per_file(kept: pl.DataFrame, dedup: list[pl.DataFrame], quarantined: pl.Dat
 def _null_counts(df: pl.DataFrame, etype: EquipmentType, long: bool) -> tuple[dict[str, dict[str, int]], int]:
     nulled: dict[str, dict[str, int]] = {}
     empty = 0
-    if long:
-        counts = df.group_by("sensor", "value__why").len()
+    if long:  # usable values (code ok) are most of them and not counted: filtered out first
+        counts = df.filter(pl.col("value__why") != CODE["ok"]).group_by("sensor", "value__why").len()
         rows = [(str(s), int(c), int(n)) for s, c, n in counts.iter_rows()]
     else:
         rows = []
         for s in etype.sensor_names:
-            vc = df[f"{s}__why"].value_counts()
+            why = df[f"{s}__why"]
+            vc = why.filter(why != CODE["ok"]).value_counts()
             rows += [(s, int(c), int(n)) for c, n in vc.iter_rows()]
     for sensor, code, n in rows:
         if code == CODE["empty"]:
@@ -198,9 +199,15 @@ def _observations(df: pl.DataFrame, src: SourceConfig, etype: EquipmentType, lon
         obs = obs.select(TS, *[pl.col(s) if s in obs.columns else pl.lit(None, pl.Float64).alias(s)
                                for s in sensors])
     else:
-        obs = df.select(bucket, *sensors)
-        if obs.height > 1 and (obs[TS].diff() == timedelta(0)).any():
-            obs = obs.group_by(TS, maintain_order=True).agg(pl.col(s).drop_nulls().last() for s in sensors)
+        obs = df.select(bucket, *sensors)  # sorted by time, so the buckets are too
+        shared = (pl.col(TS) == pl.col(TS).shift(1)) | (pl.col(TS) == pl.col(TS).shift(-1))
+        obs = obs.with_columns(shared.fill_null(False).alias("_shared"))
+        if obs["_shared"].any():  # several readings in one grid interval: only those rows are aggregated
+            merged = obs.filter("_shared").group_by(TS, maintain_order=True).agg(
+                pl.col(s).drop_nulls().last() for s in sensors)
+            obs = pl.concat([obs.filter(~pl.col("_shared")).drop("_shared"), merged]).sort(TS)
+        else:
+            obs = obs.drop("_shared")
     obs = obs.filter(pl.any_horizontal(pl.col(sensors).is_not_null())) if sensors else obs
     return obs.sort(TS).with_columns(pl.col(TS).cast(UTC_US), pl.col(sensors).cast(pl.Float64))
 
@@ -211,41 +218,41 @@ def _stuck(obs: pl.DataFrame, src: SourceConfig, etype: EquipmentType, out: Equi
     limits = {k: n for k, n in limits.items() if n > 0}
     if not limits or not obs.height:
         return
-    # a run of more than n equal observations is n equalities in a row between neighbours: one cheap query
-    # over all sensors finds the sensors that have one before the per-sensor run search
-    def has_run(name: str, n: int) -> pl.Expr:
-        v = pl.col(name).drop_nulls()
-        return ((v == v.shift(1)).fill_null(False).cast(pl.Int32).rolling_sum(n) >= n).any().alias(name)
-
-    maybe = obs.select(has_run(k, n) for k, n in limits.items()).row(0, named=True)
+    # the longest run of equal values per sensor, all sensors in one query; runs are listed only where needed
+    longest = obs.select(pl.col(k).drop_nulls().rle().struct.field("len").max().alias(k) for k in limits).row(
+        0, named=True)
     for s in etype.sensors:
         n = limits.get(s.name, 0)
-        if n <= 0 or not maybe[s.name]:
+        if n <= 0 or (longest[s.name] or 0) <= n:
             continue
+        seen = obs.select(TS, s.name).filter(pl.col(s.name).is_not_null())
         runs = (
-            obs.select(TS, s.name).filter(pl.col(s.name).is_not_null())
-            .with_columns(pl.col(s.name).rle_id().alias("_run"))
-            .group_by("_run", maintain_order=True)
-            .agg(pl.len().alias("steps"), pl.col(TS).first().alias("start"), pl.col(TS).last().alias("end"),
-                 pl.col(s.name).first().alias("value"))
-            .filter(pl.col("steps") > n)
+            seen.select(pl.col(s.name).rle().alias("_r")).unnest("_r")
+            .with_columns((pl.col("len").cum_sum() - pl.col("len")).alias("_i"))  # row of the run's first value
+            .filter(pl.col("len") > n)
         )
         out.stuck_count += runs.height
-        for r in runs.head(_MAX_LISTED - len(out.stuck)).iter_rows(named=True):
-            out.stuck.append({"equipment": out.equipment, "sensor": s.name, "start": r["start"].isoformat(),
-                              "end": r["end"].isoformat(), "steps": r["steps"], "value": r["value"]})
+        for steps, value, i in runs.head(_MAX_LISTED - len(out.stuck)).select("len", "value", "_i").iter_rows():
+            out.stuck.append({"equipment": out.equipment, "sensor": s.name, "start": seen[TS][i].isoformat(),
+                              "end": seen[TS][i + steps - 1].isoformat(), "steps": steps, "value": value})
 
 
 def _align(obs: pl.DataFrame, src: SourceConfig, etype: EquipmentType, equipment: str,
            watermark: datetime | None, store: Path, out: EquipmentOutcome, pending: Pending | None) -> None:
-    """Merge new observations with the stored rows around them and lay them on the grid."""
+    """Merge new observations with the stored rows around them and lay them on the grid.
+
+    The result replaces whole month files: the stored rows of the month of the first new grid point before
+    it, then every grid point from there to the last observation (stored or new) of the months read."""
     sensors = etype.sensor_names
     g = src.grid_timedelta
     f = src.max_ffill
     b0, bmax = obs[TS].min(), obs[TS].max()
     r0 = b0 if watermark is None else min(b0, ceil_to_grid(watermark, src.grid) + g)
     ctx_start = r0 - f * g
-    old = read_range(store, etype, equipment, ctx_start.date(), bmax.date(), pending)
+    month0 = datetime.combine(month_of(r0), datetime.min.time(), tzinfo=r0.tzinfo)
+    # from the fill's context (maybe in the month before) to the end of the last month touched
+    old = read_months(store, etype, equipment, months_between(ctx_start.date(), bmax.date()), pending,
+                      since=min(ctx_start, month0))
     if old.height:
         old_obs = old.filter(pl.col(TS) >= ctx_start).select(
             TS, *[pl.when(~pl.col(f"{s}__missing")).then(pl.col(s)).alias(s) for s in sensors])
@@ -255,7 +262,7 @@ def _align(obs: pl.DataFrame, src: SourceConfig, etype: EquipmentType, equipment
     else:
         merged = obs
     start = min(merged[TS].min(), r0)
-    end = merged[TS].max()
+    end = max(merged[TS].max(), old[TS].max()) if old.height else merged[TS].max()  # keep a stored tail
     grid = pl.DataFrame({TS: pl.datetime_range(start, end, src.grid, time_unit="us", time_zone="UTC", eager=True)})
     aligned = grid.join(merged, on=TS, how="left").sort(TS).select(
         TS,
@@ -263,8 +270,7 @@ def _align(obs: pl.DataFrame, src: SourceConfig, etype: EquipmentType, equipment
         *[pl.col(s).is_null().alias(f"{s}__missing") for s in sensors],
     )
     new_rows = aligned.filter(pl.col(TS) >= r0)
-    day0 = datetime.combine(r0.date(), datetime.min.time(), tzinfo=r0.tzinfo)
-    kept_old = old.filter((pl.col(TS) < r0) & (pl.col(TS) >= day0)) if old.height else old
+    kept_old = old.filter((pl.col(TS) < r0) & (pl.col(TS) >= month0)) if old.height else old
     result = pl.concat([kept_old, new_rows.select(store_schema(etype).keys())], how="vertical").sort(TS)
     out.result = result
     _gaps(merged, b0, src, out)
@@ -289,8 +295,8 @@ def _matches_store(late: pl.DataFrame, src: SourceConfig, etype: EquipmentType, 
                    long: bool, pending: Pending | None) -> pl.Series:
     """For rows at or before the watermark: does the store already hold the same values at their grid point?"""
     late = late.with_columns(bucket_expr(pl.col(TS), src.grid).alias("_b"))
-    days = late["_b"].dt.date().unique().to_list()
-    old = read_days(store, etype, equipment, days, pending)
+    months = {month_of(d) for d in late["_b"].dt.date().unique().to_list()}
+    old = read_months(store, etype, equipment, months, pending)
     if not old.height:
         return pl.Series([False] * late.height)
     sensors = etype.sensor_names

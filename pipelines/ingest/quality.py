@@ -6,6 +6,9 @@ count nulls per reason; every row that cannot be used at all gets a row reason a
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+
 import polars as pl
 
 from pipelines.config import SensorConfig, SourceConfig
@@ -62,23 +65,69 @@ def timestamp_stages(raw: str, src: SourceConfig, dtype: pl.DataType) -> Stages:
         fmt = src.timestamp_format
         if fmt is None:
             raise ValueError(f"source {src.name!r}: timestamp_format is needed for text timestamps")
+        # cache=False: a per-batch cache of distinct texts only costs when nearly every text is distinct
         if has_offset(fmt):
-            utc = col.str.to_datetime(fmt, strict=False, time_unit="us", time_zone="UTC")
+            utc = col.str.to_datetime(fmt, strict=False, time_unit="us", time_zone="UTC", cache=False)
             return [[utc.alias("_parsed")],
                     [pl.col("_parsed").alias("ts_e"), pl.col("_parsed").alias("ts_l"), *no_dst]]
-        parsed = col.str.to_datetime(fmt, strict=False, time_unit="us")
+        parsed = col.str.to_datetime(fmt, strict=False, time_unit="us", cache=False)
     naive = pl.col("_parsed")
     if src.timezone == "UTC":
         utc = naive.dt.replace_time_zone("UTC")
         return [[parsed.alias("_parsed")], [utc.alias("ts_e"), utc.alias("ts_l"), *no_dst]]
-    ts_e = naive.dt.replace_time_zone(src.timezone, ambiguous="earliest", non_existent="null")
-    ts_l = naive.dt.replace_time_zone(src.timezone, ambiguous="latest", non_existent="null")
+    # local -> UTC converts each distinct hour of a batch (its first and last instant), not each row: polars'
+    # conversion costs ~110 ns a row and is needed twice (the earlier and the later reading)
+    conv = naive.map_batches(local_to_utc(src.timezone), return_dtype=_CONVERTED, is_elementwise=True)
     return [
         [parsed.alias("_parsed")],
-        [ts_e.dt.convert_time_zone("UTC").alias("ts_e"), ts_l.dt.convert_time_zone("UTC").alias("ts_l")],
-        [(pl.col("ts_e") != pl.col("ts_l")).fill_null(False).alias("_amb"),
-         (naive.is_not_null() & pl.col("ts_e").is_null()).alias("_nonexist")],
+        [conv.alias("_utc")],
+        [pl.col("_utc").struct.field(f).alias(f) for f in _CONVERTED.to_schema()],
     ]
+
+
+_CONVERTED = pl.Struct({"ts_e": pl.Datetime("us", "UTC"), "ts_l": pl.Datetime("us", "UTC"), "_amb": pl.Boolean,
+                        "_nonexist": pl.Boolean})
+_HOUR_US = 3_600_000_000
+
+
+def local_to_utc(tz: str) -> Callable[[pl.Series], pl.Series]:
+    """Naive local times (Datetime[us]) of zone ``tz`` -> struct ts_e, ts_l (UTC: the earlier and the later
+    reading of a local time the clock passes twice, equal elsewhere, null in a gap), _amb (passed twice) and
+    _nonexist (in a gap), exactly as polars' replace_time_zone with ambiguous 'earliest' / 'latest' gives them.
+
+    Local times in an hour whose first and last microsecond have the same UTC offset, neither of them
+    repeated, are shifted by that offset (one conversion per distinct hour of the batch: a log has few); the
+    rows of the other hours (a clock change inside) are converted one by one. An elementwise function, so the
+    streaming engine runs it batch by batch."""
+
+    def convert(local: pl.Series) -> pl.Series:
+        t = local.cast(pl.Int64)
+        hour = (t // _HOUR_US) * _HOUR_US
+        hours = hour.unique().drop_nulls()
+        first, last = (_polars_local_to_utc(h.cast(pl.Datetime("us")), tz) for h in (hours, hours + _HOUR_US - 1))
+        shift = hours - first["ts_e"].cast(pl.Int64)  # the UTC offset (us) at the start of each hour
+        regular = (~first["_amb"] & ~last["_amb"] & first["ts_e"].is_not_null() & last["ts_e"].is_not_null()
+                   & (shift == hours + _HOUR_US - 1 - last["ts_e"].cast(pl.Int64)))
+        offset = hour.replace_strict(hours.filter(regular), shift.filter(regular), default=None)
+        ts = (t - offset).cast(pl.Datetime("us")).dt.replace_time_zone("UTC")
+        out = pl.DataFrame({"ts_e": ts, "ts_l": ts, "_amb": pl.repeat(False, len(t), eager=True),
+                            "_nonexist": pl.repeat(False, len(t), eager=True)})
+        odd = (offset.is_null() & t.is_not_null()).arg_true()
+        if len(odd):
+            exact = _polars_local_to_utc(local.gather(odd), tz)
+            out = out.with_columns(out[c].scatter(odd, exact[c]) for c in out.columns)
+        return out.to_struct(local.name)
+
+    return convert
+
+
+def _polars_local_to_utc(local: pl.Series, tz: str) -> pl.DataFrame:
+    """The same conversion, row by row, with polars' time zone functions."""
+    n = pl.lit(local)
+    e = n.dt.replace_time_zone(tz, ambiguous="earliest", non_existent="null").dt.convert_time_zone("UTC")
+    late = n.dt.replace_time_zone(tz, ambiguous="latest", non_existent="null").dt.convert_time_zone("UTC")
+    return pl.select(e.alias("ts_e"), late.alias("ts_l"), (e != late).fill_null(False).alias("_amb"),
+                     (n.is_not_null() & e.is_null()).alias("_nonexist"))
 
 
 def quality_class(low: pl.Expr) -> pl.Expr:
@@ -114,10 +163,11 @@ def value_stages(raw: str, out: str, src: SourceConfig, dtype: pl.DataType, sens
         text = col.str.replace(",", ".", literal=True) if src.decimal_comma else col
         s1.append(text.cast(pl.Float64, strict=False).alias(f"{t}_f"))
         s2.append(pl.when(pl.col(f"{t}_f").is_null()).then(text).str.strip_chars().alias(f"{t}_o"))
-        words = [w.lower() for w in src.state_words]
         odd = pl.col(f"{t}_o")
+        # state words match case-insensitively; one regex costs a sixth of lower-casing the (mostly null) column
+        words = "|".join(re.escape(w) for w in src.state_words)
         s3 += [pl.coalesce(pl.col(f"{t}_f"), odd.cast(pl.Float64, strict=False)).alias(f"{t}_n"),
-               (odd.str.to_lowercase().is_in(words) if words else pl.lit(False)).alias(f"{t}_w")]
+               (odd.str.contains(f"(?i)^(?:{words})$") if words else pl.lit(False)).alias(f"{t}_w")]
     elif dtype.is_numeric() or dtype == pl.Boolean:
         s1.append(col.cast(pl.Float64).alias(f"{t}_f"))
         s3 += [pl.col(f"{t}_f").alias(f"{t}_n"), pl.lit(False).alias(f"{t}_w")]

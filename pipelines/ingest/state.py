@@ -4,6 +4,8 @@ The application keeps this in its database and hands it in; the pipeline returns
 A file is skipped when its size and mtime are unchanged, or when its content hash is; a CSV that only
 grew (its old bytes hash to the stored hash) is read from the first new line; any other change re-reads
 the whole file, and its rows at or before an equipment's watermark are checked against the store.
+A file seen for the first time needs no hash to be planned: its plan leaves ``sha256`` empty and the ingest
+hashes it (`file_sha256`) while it reads the file.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ _CHUNK = 1 << 22
 
 @dataclass(frozen=True)
 class FileState:
-    """A file as last ingested: ``lines`` counts the data lines consumed after the header."""
+    """A file as last ingested: ``lines`` counts the data lines consumed after the header; ``sha256`` is empty
+    only in the plan of a new file, until the ingest has hashed it."""
 
     path: str
     size: int
@@ -79,6 +82,10 @@ def _hash(path: Path, prefix: int | None = None) -> tuple[str, str | None]:
     return whole.hexdigest(), head
 
 
+def file_sha256(path: Path) -> str:
+    return _hash(path)[0]
+
+
 def _ends_with_newline(path: Path, size: int) -> bool:
     if size == 0:
         return False
@@ -98,13 +105,16 @@ def plan_source(src: SourceConfig, watermark: SourceWatermark | None, full: bool
         if prev and prev.size == st.st_size and prev.mtime_ns == st.st_mtime_ns:
             plans.append(FilePlan(path, "unchanged", prev))
             continue
-        grew = prev is not None and src.format == "csv" and st.st_size > prev.size
+        if prev is None:  # nothing to compare with: hashed while it is read
+            plans.append(FilePlan(path, "new", FileState(key, st.st_size, st.st_mtime_ns, "")))
+            continue
+        grew = src.format == "csv" and st.st_size > prev.size
         sha, head = _hash(path, prev.size if grew else None)
         state = FileState(key, st.st_size, st.st_mtime_ns, sha)
-        if prev and sha == prev.sha256:
+        if sha == prev.sha256:
             plans.append(FilePlan(path, "touched", replace(state, lines=prev.lines)))
-        elif prev and grew and head == prev.sha256 and prev.lines > 0 and _ends_with_newline(path, prev.size):
+        elif grew and head == prev.sha256 and prev.lines > 0 and _ends_with_newline(path, prev.size):
             plans.append(FilePlan(path, "appended", state, skip_rows=prev.lines))
         else:
-            plans.append(FilePlan(path, "changed" if prev else "new", state))
+            plans.append(FilePlan(path, "changed", state))
     return plans
