@@ -449,15 +449,16 @@ def render(results: list[dict], meta: dict, load: tuple[float, float]) -> str:
                  "it faster too (pyarrow spends ~10 ms a file: on the 0.2 GB file it went from 34.8 s with day "
                  "files to 16.2 s, back to back).")
     lines.append("- Where ours spends its time on wide.csv (stage timers around ingest_source, back to back on this "
-                 "machine at load ~2-3, CPU s / wall s): stage A, streaming (parse, clean, stage to Arrow IPC, with "
-                 "the file's hash and the bytes-level line check on threads alongside) 25.3 / 14.2; stage B (dedup, "
-                 "align, 315 lz4 store files; one process per core) 12.8 / 8.1; commit and the rest 0.5 / 1.0; in all "
-                 "38.5 / 23.3. The code before this revision, same conditions: stage A 34.6 / 21.3 (hash included), "
-                 "stage B 39.7 / 25.5 (9,450 day files), in all 75.4 / 48.4.")
-    lines.append("- What stands between this and 5x: on 2 shared cores ours gets ~1.6 cores of parallelism from "
-                 "~35 CPU s per GB, of which parsing the CSV text is ~7, staging ~3, the timestamp and value "
-                 "cleaning ~7, the line check and the hash ~2, stage B compute ~6 and the store files ~5; no single "
-                 "step is large enough left to remove. Wall times here move by 20-30% with other users' load.")
+                 "machine at load ~1-3, CPU s / wall s): stage A, streaming (parse, clean, stage to Arrow IPC, with "
+                 "the file's hash and the bytes-level line check on threads alongside) 23.8 / 13.5; stage B (dedup, "
+                 "align, 315 lz4 store files; one process per core) 13.5 / 7.5; commit and the rest 0.4 / 0.8; in "
+                 "all 37.6 / 21.8. The code before this revision, same conditions: stage A 34.2 / 19.7 (hash "
+                 "included), stage B 34.9 / 19.2 (9,450 day files), the rest 1.3 / 1.6, in all 70.5 / 40.4.")
+    lines.append("- Margin: ours needs ~32-40 CPU s per GB and gets ~1.6 of the 2 shared cores, so the wide ratio "
+                 "moves with other users' load by about a fifth from run to run: another run of this same code on "
+                 "2026-11-28 (load 1.0 -> 3.5) measured 23.8 s vs 106.7 s, 4.5x. Of the CPU time, parsing the CSV "
+                 "text is ~7 s, staging ~3, the timestamp and value cleaning ~7, the line check and the hash ~2, "
+                 "stage B compute ~6 and the 315 store files ~5; no single step is large enough left to remove.")
     return "\n".join(lines)
 
 
