@@ -55,13 +55,17 @@ def plan(batch: int, d_inner: int, d_state: int, length: int) -> tuple[int, int]
 
 
 def _time_major(x: torch.Tensor, length: int) -> torch.Tensor:
-    """(b, c, L) -> contiguous (length, b, c), zero-padded at the end (zero delta, u, B, C leave the state alone)."""
-    b, c, L = x.shape
-    out = x.new_empty(length, b, c)
-    if length > L:
-        out[L:].zero_()
-    for i in range(b):  # one 2-D transpose per batch row: much faster than a 3-D permuted copy
+    """(b, c, L) -> a new contiguous (length, b, c), zero-padded at the end (zero delta, u, B, C leave the state
+    alone)."""
+    return _to_time_major(x, x.new_empty(length, *x.shape[:2]))
+
+
+def _to_time_major(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """(b, c, L) -> rows [0, L) of a (length, b, c) buffer (converted to its dtype); rows past L are zeroed."""
+    L = x.shape[2]
+    for i in range(x.shape[0]):  # one 2-D transpose per batch row: much faster than a 3-D permuted copy
         out[:L, i].copy_(x[i].t())
+    out[L:].zero_()
     return out
 
 
@@ -177,6 +181,30 @@ def _block_adjoints(ws: _Workspace, gyb: torch.Tensor, Cb: torch.Tensor, lam: to
     return ws.dA[0, 0] * Gb[0, 0]
 
 
+def _forward_blocks(u_: torch.Tensor, dl_: torch.Tensor, B_: torch.Tensor, C_: torch.Tensor, At2: torch.Tensor,
+                    h0: torch.Tensor, y_: torch.Tensor, T: int, G: int, starts: list | None = None) -> torch.Tensor:
+    """The forward scan over time-major inputs (Lp, b, .), block after block: writes y_ (Lp, b, d) and returns the
+    final state (b, n, d). h0: (b, d, n). ``starts`` (when given) receives each block's start state, which is what
+    the backward pass keeps."""
+    Lp, b, d = u_.shape
+    n = At2.shape[0]
+    h = h0.transpose(1, 2).contiguous()
+    ws = None
+    for s in range(0, Lp, G * T):
+        e = min(Lp, s + G * T)
+        if ws is None or ws.g != (e - s) // T:
+            ws = _Workspace(T, (e - s) // T, b, n, d, u_, backward=False)
+        if starts is not None:
+            starts.append(h)
+        hs = _block_states(ws, _block(dl_, s, e, T), _block(u_, s, e, T), _block(B_, s, e, T), At2, h)
+        torch.bmm(C_[s:e].view(-1, 1, n), ws.H_rows, out=y_[s:e].view(-1, 1, d))
+        if starts is None:
+            h.copy_(hs[-1])
+        else:
+            h = hs[-1].clone()  # each kept start state is its own tensor
+    return h
+
+
 class _ChunkedScan(torch.autograd.Function):
     """y = scan(u, dl, A, B, C, h0) without D, z or the delta transform; all tensors in the compute dtype.
 
@@ -193,17 +221,8 @@ class _ChunkedScan(torch.autograd.Function):
         At = A.t().contiguous()
         At2 = At * LOG2E
         y = u.new_empty(Lp, b, d)
-        h = h0.transpose(1, 2).contiguous()
         starts = []
-        ws = None
-        for s in range(0, Lp, G * T):
-            e = min(Lp, s + G * T)
-            if ws is None or ws.g != (e - s) // T:
-                ws = _Workspace(T, (e - s) // T, b, n, d, u, backward=False)
-            starts.append(h)
-            hs = _block_states(ws, _block(dl_, s, e, T), _block(u_, s, e, T), _block(B_, s, e, T), At2, h)
-            torch.bmm(C_[s:e].view(-1, 1, n), ws.H_rows, out=y[s:e].view(-1, 1, d))
-            h = hs[-1].clone()
+        h = _forward_blocks(u_, dl_, B_, C_, At2, h0, y, T, G, starts)
         ctx.save_for_backward(u_, dl_, At, B_, C_, torch.stack(starts))
         ctx.plan = (T, G, L)
         return _channel_major(y, L), h.transpose(1, 2).contiguous()
@@ -268,21 +287,14 @@ class _Buffers(threading.local):
         if key == self.key:
             return self.tensors
         tensors = {name: torch.empty(shape, dtype=dtype) for name, shape in shapes.items()}
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        self.key, self.tensors = (key, tensors) if total <= self.MAX_CACHED_BYTES else (None, {})
+        if sum(t.numel() * t.element_size() for t in tensors.values()) <= self.MAX_CACHED_BYTES:
+            self.key, self.tensors = key, tensors
+        else:  # too large to keep: used for this call only
+            self.key, self.tensors = None, {}
         return tensors
 
 
 _BUFFERS = _Buffers()
-
-
-def _to_time_major(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """(b, c, L) -> rows [0, L) of a (length, b, c) buffer (converted to its dtype); rows past L are zeroed."""
-    L = x.shape[2]
-    for i in range(x.shape[0]):  # one 2-D transpose per batch row: much faster than a 3-D permuted copy
-        out[:L, i].copy_(x[i].t())
-    out[L:].zero_()
-    return out
 
 
 def _scan_inference(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, dtype):
@@ -300,8 +312,6 @@ def _scan_inference(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, dty
     if z is not None:
         shapes["z"] = (Lp, b, d)
     buf = _BUFFERS.get((b, d, n, Lp, dtype, z is not None), shapes, dtype)
-    if not buf:
-        buf = {name: torch.empty(shape, dtype=dtype) for name, shape in shapes.items()}
     u_, dl_, B_, C_ = (_to_time_major(x, buf[k]) for x, k in ((u, "u"), (delta, "dl"), (B, "B"), (C, "C")))
     y_ = buf["y"]
     if delta_bias is not None:
@@ -309,15 +319,7 @@ def _scan_inference(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, dty
     if delta_softplus:
         torch._C._nn.softplus(dl_[:L], 1, 20, out=dl_[:L])
     At2 = A.to(dtype).t().contiguous() * LOG2E
-    h = h0.transpose(1, 2).contiguous()  # (b, n, d)
-    ws = None
-    for s in range(0, Lp, G * T):
-        e = min(Lp, s + G * T)
-        if ws is None or ws.g != (e - s) // T:
-            ws = _Workspace(T, (e - s) // T, b, n, d, u_, backward=False)
-        hs = _block_states(ws, _block(dl_, s, e, T), _block(u_, s, e, T), _block(B_, s, e, T), At2, h)
-        torch.bmm(C_[s:e].view(-1, 1, n), ws.H_rows, out=y_[s:e].view(-1, 1, d))
-        h.copy_(hs[-1])
+    h = _forward_blocks(u_, dl_, B_, C_, At2, h0, y_, T, G)  # (b, n, d)
     yv = y_[:L]
     if D is not None:
         yv.addcmul_(u_[:L], D.to(dtype))

@@ -193,19 +193,22 @@ class RoMMixer(Mixer):
     def project_in(self, h: Tensor) -> tuple[Tensor, _Dispatch]:
         """h (N, d_model) -> xz (N, 2*d_inner) summed over each token's K experts."""
         d = self.route(h)
-        if grouped_mm_available(h, self.w_in):
+        grouped = grouped_mm_available(h, self.w_in)
+        if grouped:
             h = h.to(torch.bfloat16)  # the grouped matmul reads bf16: gather half the bytes
         xs = _GatherSlots.apply(h, d.token_of_slot, d.sorted_pos, self.top_k)
-        xz_sorted = expert_matmul(xs, self.w_in, d.counts)  # (N*K, 2*d_inner)
+        xz_sorted = expert_matmul(xs, self.w_in, d.counts, grouped)  # (N*K, 2*d_inner)
         if self.gate_on_all:
             xz_sorted = xz_sorted * d.gate_of_slot[:, None].to(xz_sorted.dtype)
         return _CombineSlots.apply(xz_sorted, d.token_of_slot, d.sorted_pos, self.top_k), d
 
     def project_out(self, y: Tensor, d: _Dispatch) -> Tensor:
         """y (N, d_inner) -> out (N, d_model) = sum over the token's experts of g * y W_o."""
-        if grouped_mm_available(y, self.w_out):
+        grouped = grouped_mm_available(y, self.w_out)
+        if grouped:
             y = y.to(torch.bfloat16)
-        o = expert_matmul(_GatherSlots.apply(y, d.token_of_slot, d.sorted_pos, self.top_k), self.w_out, d.counts)
+        o = expert_matmul(_GatherSlots.apply(y, d.token_of_slot, d.sorted_pos, self.top_k), self.w_out, d.counts,
+                          grouped)
         o = o * d.gate_of_slot[:, None].to(o.dtype)  # (N*K, d_model)
         return _CombineSlots.apply(o, d.token_of_slot, d.sorted_pos, self.top_k)
 
