@@ -3,10 +3,13 @@
 Same math and signature as kernels.step.selective_state_update (which dispatches here for CUDA tensors):
 state (batch, d_inner, d_state) is advanced IN PLACE; x, dt, z: (batch, d_inner); A: (d_inner, d_state);
 B, C: (batch, d_state); D, dt_bias: (d_inner,). Returns y (batch, d_inner) in x's dtype. Arithmetic in fp32.
-The step is memory-bound (the state is read and written once); one program owns BLOCK_D channels of one row.
+The step is memory-bound (the state is read and written once); one program owns BLOCK_D channels of one row
+(BLOCK_D and the warp count are autotuned per d_inner and batch size, see _STEP_CONFIGS).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -14,11 +17,25 @@ import triton.language as tl
 
 from kernels.triton_scan import LOG2E, _sigmoid, _softplus
 
+# The step is a few microseconds: its time is latency (one round of loads, exp2, one round of stores), so the best
+# split of channels over programs and warps depends on the batch and the card. Tuned once per (d_inner, batch
+# bucket) on first use, timed with CUDA graphs (plain launches would time the launch, not the kernel); the state
+# is updated in place, so the tuner restores it after each trial.
+_STEP_CONFIGS = [triton.Config({"BLOCK_D": bd}, num_warps=nw) for bd in (16, 32, 64, 128) for nw in (1, 2, 4)]
 
+
+def _step_autotune(fn):
+    if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter runs one fixed config (tests)
+        return triton.heuristics({"BLOCK_D": lambda a: 32})(fn)
+    return triton.autotune(_STEP_CONFIGS, key=["d_inner", "batch_bucket"], restore_value=["state_ptr"],
+                           use_cuda_graph=True)(fn)
+
+
+@_step_autotune
 @triton.jit
 def _step_kernel(
     state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr,
-    d_inner, s_sb, s_sd, s_xb, s_tb, s_Bb, s_Cb, s_zb, s_yb,
+    d_inner, batch_bucket, s_sb, s_sd, s_xb, s_tb, s_Bb, s_Cb, s_zb, s_yb,
     N: tl.constexpr, NP: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
 ):
@@ -65,15 +82,13 @@ def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias
     z = z if z is None or z.stride(-1) == 1 else z.contiguous()
     A = A.contiguous()
     y = torch.empty((b, d), device=x.device, dtype=x.dtype)
-    # small batches: short programs (32 channels, 4 warps) so the one round of loads is spread wide; large
-    # batches: 64 channels per program (the step is then bandwidth-bound)
-    block_d = 32 if b * d < 32 * 4 * 132 else 64
     dummy = y
-    _step_kernel[(triton.cdiv(d, block_d), b)](
+    _step_kernel[lambda meta: (triton.cdiv(d, meta["BLOCK_D"]), b)](
         state, x, dt, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
         dt_bias if dt_bias is not None else dummy, y,
-        d, state.stride(0), state.stride(1), x.stride(0), dt.stride(0), B.stride(0), C.stride(0),
+        d, triton.next_power_of_2(b), state.stride(0), state.stride(1), x.stride(0), dt.stride(0), B.stride(0),
+        C.stride(0),
         z.stride(0) if z is not None else 0, y.stride(0),
-        N=n, NP=triton.next_power_of_2(n), BLOCK_D=block_d, HAS_D=D is not None, HAS_Z=z is not None,
-        HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), num_warps=4)
+        N=n, NP=triton.next_power_of_2(n), HAS_D=D is not None, HAS_Z=z is not None,
+        HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus))
     return y
