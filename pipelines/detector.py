@@ -1,9 +1,17 @@
 """The trained detector: forecaster + per-sensor scalers + label-free thresholds, scored in chunks.
 
 Forecaster -> scorer -> detector, as a composition (STYLE.md): `RoMForecaster` forecasts each next step,
-`RoMDetector.score` turns one equipment's readings into a per-step anomaly score (the forecast NLL summed
-over observed sensors), per-sensor attribution (the per-sensor NLL terms) and the experts that fired, and
-`threshold_` (per equipment type, fitted on held-back normal data) turns scores into flags.
+`RoMDetector.score` turns one equipment's readings into a per-step anomaly score, per-sensor attribution (the
+per-sensor NLL terms) and the experts that fired, and `threshold_` (per equipment type, fitted on held-back normal
+data) turns scores into flags.
+
+The score has two parts. Surprise: the forecast NLL summed over observed sensors (fast changes: spikes,
+oscillation, a broken relation at its onset). Novelty (`NoveltyModel`): how far the model's features -- its own
+summary of the recent past -- are from those of the training data (sustained changes: a next-step forecaster
+adapts to a new level or a closed valve within a few steps, so its surprise falls back while the machine is still
+abnormal; the features of the new regime stay away from the normal ones). Each part is standardised by its median
+and IQR on held-back normal data and the two are added. A detector without a fitted novelty model (during
+training, or saved by an older version) scores surprise alone.
 
 This is the one object that training produces, the registry stores, and scoring / evaluation load. It is
 saved as a folder: ``weights.pt`` (a state_dict, loaded with weights_only=True) and ``detector.json``
@@ -28,7 +36,8 @@ from rmamba import ForecasterState, LayerState, RoMConfig, RoMForecaster
 if TYPE_CHECKING:  # polars is imported where frames are used: rmamba-only machines can still score arrays
     import polars as pl
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1: no novelty model (scores are surprise alone)
 WEIGHTS_FILE = "weights.pt"
 META_FILE = "detector.json"
 MISSING_SUFFIX = "__missing"  # store flag column: True = no observation (the value may be forward-filled)
@@ -106,22 +115,100 @@ def frame_arrays(frame: pl.DataFrame, sensors: Sequence[str]) -> tuple[np.ndarra
     return values, mask
 
 
+class FeatureMoments:
+    """Running first and second moments of feature vectors (float64), so a Gaussian can be fitted on a training
+    period of any length without holding its features."""
+
+    def __init__(self, dim: int):
+        self.n = 0
+        self.sum = np.zeros(dim)
+        self.outer = np.zeros((dim, dim))
+
+    def add(self, feats: np.ndarray) -> None:
+        f = np.asarray(feats, dtype=np.float64)
+        self.n += f.shape[0]
+        self.sum += f.sum(0)
+        self.outer += f.T @ f
+
+    def gaussian(self, ridge: float = 1e-4) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, precision); ``ridge`` is added to the covariance's diagonal (features that never vary)."""
+        if self.n < 2:
+            raise ValueError(f"features: expected at least 2 training steps to fit the novelty model, got {self.n}")
+        mean = self.sum / self.n
+        cov = (self.outer - self.n * np.outer(mean, mean)) / (self.n - 1)
+        return mean, np.linalg.inv(cov + ridge * np.eye(len(mean)))
+
+
+def _center_scale(x: np.ndarray) -> tuple[float, float]:
+    """Median and IQR of the finite values (scale floored so that a constant part cannot divide by zero)."""
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        return 0.0, 1.0
+    q25, q50, q75 = np.percentile(x, [25, 50, 75])
+    return float(q50), float(max(q75 - q25, 1e-6 * max(abs(q50), 1.0), 1e-12))
+
+
+@dataclass
+class NoveltyModel:
+    """One equipment type's feature Gaussian (fitted on training data) and the standardisation of both score
+    parts (fitted on held-back normal data). novelty = half the squared Mahalanobis distance of the features;
+    score = (surprise - surprise_center) / surprise_scale + (novelty - novelty_center) / novelty_scale."""
+
+    mean_: np.ndarray       # (d_model,)
+    precision_: np.ndarray  # (d_model, d_model)
+    surprise_center_: float = 0.0
+    surprise_scale_: float = 1.0
+    novelty_center_: float = 0.0
+    novelty_scale_: float = 1.0
+
+    @classmethod
+    def fit(cls, moments: FeatureMoments) -> NoveltyModel:
+        return cls(*moments.gaussian())
+
+    def novelty(self, feats: np.ndarray) -> np.ndarray:
+        """feats (L, d_model) -> (L,) novelty."""
+        d = np.asarray(feats, dtype=np.float64) - self.mean_
+        return 0.5 * np.einsum("ij,jk,ik->i", d, self.precision_, d)
+
+    def calibrate(self, surprise: np.ndarray, novelty: np.ndarray) -> None:
+        """Standardise both parts by their median and IQR on normal (held-back) steps."""
+        self.surprise_center_, self.surprise_scale_ = _center_scale(np.asarray(surprise, dtype=np.float64))
+        self.novelty_center_, self.novelty_scale_ = _center_scale(np.asarray(novelty, dtype=np.float64))
+
+    def combine(self, surprise: np.ndarray, novelty: np.ndarray) -> np.ndarray:
+        return ((surprise - self.surprise_center_) / self.surprise_scale_
+                + (novelty - self.novelty_center_) / self.novelty_scale_)
+
+    def to_dict(self) -> dict:
+        return {"mean": self.mean_.tolist(), "precision": self.precision_.tolist(),
+                "surprise": [self.surprise_center_, self.surprise_scale_],
+                "novelty": [self.novelty_center_, self.novelty_scale_]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> NoveltyModel:
+        return cls(np.asarray(d["mean"], dtype=np.float64), np.asarray(d["precision"], dtype=np.float64),
+                   *map(float, d["surprise"]), *map(float, d["novelty"]))
+
+
 @dataclass
 class ScoreResult:
     """One equipment's scores over a span of L steps."""
 
-    score: np.ndarray        # (L,) forecast NLL summed over observed sensors; NaN where nothing was scored
+    score: np.ndarray        # (L,) anomaly score (module docstring); NaN where nothing was scored
     attribution: np.ndarray  # (L, n_sensors) per-sensor NLL terms (0 where not scored)
     scored: np.ndarray       # (L,) bool: at least one sensor observed and forecast
     top_experts: np.ndarray | None  # (n_layers, L, K) int16 experts chosen per step; None for a dense model
     state: ForecasterState | None = field(repr=False, default=None)
+    surprise: np.ndarray | None = None  # (L,) forecast NLL summed over observed sensors; NaN where not scored
+    novelty: np.ndarray | None = None   # (L,) feature novelty; None without a fitted novelty model
 
 
 class RoMDetector:
     """A trained forecaster with its scalers and thresholds. Learned state ends in an underscore."""
 
     def __init__(self, model: RoMForecaster, sensors: dict[str, list[str]], scalers: dict[str, RobustScaler],
-                 thresholds: dict[str, float] | None = None, info: dict | None = None):
+                 thresholds: dict[str, float] | None = None, info: dict | None = None,
+                 novelty: dict[str, NoveltyModel] | None = None):
         if set(sensors) != set(model.equipment_types):
             raise ValueError(f"sensors: expected the model's equipment types {sorted(model.equipment_types)}, "
                              f"got {sorted(sensors)}")
@@ -133,6 +220,7 @@ class RoMDetector:
         self.sensors = {t: list(v) for t, v in sensors.items()}
         self.scalers_ = dict(scalers)
         self.threshold_ = dict(thresholds or {})
+        self.novelty_ = dict(novelty or {})  # per type; fitted after training (pipelines.train)
         self.info = dict(info or {})  # free-form: training metrics, data ranges, versions
 
     # -- scoring --------------------------------------------------------------------------------------------
@@ -173,7 +261,9 @@ class RoMDetector:
         self.model.eval()
         dtype = next(self.model.parameters()).dtype
         L = x.shape[0]
-        score = np.full(L, np.nan)
+        nov_model = self.novelty_.get(equipment_type)
+        surprise = np.full(L, np.nan)
+        novelty = None if nov_model is None else np.full(L, np.nan)
         attr = np.zeros((L, n))
         scored = np.zeros(L, dtype=bool)
         experts: list[np.ndarray] = []
@@ -185,11 +275,35 @@ class RoMDetector:
             nll = out.nll[0].double().cpu().numpy()
             attr[s:s + chunk_len] = nll
             scored[s:s + chunk_len] = sc
-            score[s:s + chunk_len] = np.where(sc, nll.sum(-1), np.nan)
+            surprise[s:s + chunk_len] = np.where(sc, nll.sum(-1), np.nan)
+            if novelty is not None:
+                nov = nov_model.novelty(out.features[0].double().cpu().numpy())
+                novelty[s:s + chunk_len] = np.where(sc, nov, np.nan)
             if out.routing and out.routing[0].top_experts is not None:
                 experts.append(np.stack([r.top_experts[0].cpu().numpy().astype(np.int16) for r in out.routing]))
         top = np.concatenate(experts, axis=1) if experts else None
-        return ScoreResult(score, attr, scored, top, state)
+        score = surprise if novelty is None else nov_model.combine(surprise, novelty)
+        return ScoreResult(score, attr, scored, top, state, surprise, novelty)
+
+    @torch.no_grad()
+    def feature_moments(self, values: np.ndarray, equipment_type: str, mask: np.ndarray | None = None,
+                        skip: int = 0, moments: FeatureMoments | None = None, chunk_len: int = 4096
+                        ) -> FeatureMoments:
+        """Accumulate the model's features over one series (physical units, as for `score`), leaving out the
+        first ``skip`` steps (the state is still filling up there); returns ``moments`` (new when None)."""
+        x = self.scalers_[equipment_type].transform(_masked(values, mask))
+        moments = moments if moments is not None else FeatureMoments(self.model.cfg.d_model)
+        self.model.eval()
+        dtype = next(self.model.parameters()).dtype
+        state = None
+        for s in range(0, x.shape[0], chunk_len):
+            xt = torch.as_tensor(x[s:s + chunk_len], dtype=dtype, device=self.device)[None]
+            out, state = self.model(torch.nan_to_num(xt), torch.isfinite(xt), equipment_type, state)
+            f = out.features[0].double().cpu().numpy()
+            keep = max(skip - s, 0)
+            if keep < f.shape[0]:
+                moments.add(f[keep:])
+        return moments
 
     def score_frame(self, frame: pl.DataFrame, equipment_type: str | None = None, *, chunk_len: int = 4096
                     ) -> pl.DataFrame:
@@ -251,6 +365,7 @@ class RoMDetector:
             "sensors": self.sensors,
             "scalers": {t: s.to_dict() for t, s in self.scalers_.items()},
             "thresholds": self.threshold_,
+            "novelty": {t: m.to_dict() for t, m in self.novelty_.items()},
             "info": self.info,
         }
         (folder / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
@@ -263,15 +378,18 @@ class RoMDetector:
         if not meta_path.exists():
             raise FileNotFoundError(f"{meta_path}: no detector here (expected {META_FILE} and {WEIGHTS_FILE})")
         meta = json.loads(meta_path.read_text())
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{meta_path}: format_version expected {FORMAT_VERSION}, got {meta.get('format_version')}")
+        if meta.get("format_version") not in READABLE_VERSIONS:
+            raise ValueError(f"{meta_path}: format_version expected one of {READABLE_VERSIONS}, got "
+                             f"{meta.get('format_version')}")
         sensors = {t: list(v) for t, v in meta["sensors"].items()}
         model = RoMForecaster(RoMConfig.from_dict(meta["model_config"]), {t: len(v) for t, v in sensors.items()})
         weights = torch.load(folder / WEIGHTS_FILE, map_location=map_location, weights_only=True)
         model.load_state_dict(weights)
         model.to(map_location).eval()
         scalers = {t: RobustScaler.from_dict(d) for t, d in meta["scalers"].items()}
-        return cls(model, sensors, scalers, {t: float(v) for t, v in meta["thresholds"].items()}, meta.get("info"))
+        novelty = {t: NoveltyModel.from_dict(d) for t, d in meta.get("novelty", {}).items()}
+        return cls(model, sensors, scalers, {t: float(v) for t, v in meta["thresholds"].items()}, meta.get("info"),
+                   novelty)
 
 
 def state_to_bytes(state: ForecasterState) -> bytes:

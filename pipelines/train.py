@@ -16,7 +16,9 @@ cosine decay to ``min_lr_ratio * lr``, gradient clipping, bf16 autocast on CUDA 
 warm-up on the training steps just before it); early stopping keeps the best weights. Checkpoints hold everything
 the future of the run depends on (weights, optimizer, scheduler, RNG states, step, early-stopping state), so an
 interrupted run resumed from its checkpoint ends with the same weights as an uninterrupted one (CPU).
-Finally, label-free thresholds per type are fitted on the validation scores (normal data never trained on).
+Finally, the novelty part of the score is fitted (a Gaussian of the model's features over the training series,
+pipelines.detector.NoveltyModel), both score parts are standardised on the validation steps, and label-free
+thresholds per type are fitted on the validation scores (normal data never trained on).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from pipelines.config import EquipmentType, PlantConfig
-from pipelines.detector import RobustScaler, RoMDetector, frame_arrays
+from pipelines.detector import NoveltyModel, RobustScaler, RoMDetector, frame_arrays
 from pipelines.ingest.store import TS, read_range, store_index
 from pipelines.thresholds import fit_threshold
 from rmamba import RoMConfig, RoMForecaster, count_parameters
@@ -450,6 +452,8 @@ class Validation:
     nll_by_type: dict[str, float]
     scores: dict[str, np.ndarray]        # type -> 1-D step scores (scored steps only)
     usage: dict[str, np.ndarray]         # type -> (n_layers, E) share of validation steps per expert
+    surprise: dict[str, np.ndarray] = field(default_factory=dict)  # type -> the scores' surprise part
+    novelty: dict[str, np.ndarray] = field(default_factory=dict)   # type -> novelty part (fitted models only)
 
 
 @dataclass
@@ -459,9 +463,11 @@ class TrainResult:
     detector: RoMDetector
     history: pl.DataFrame                # epoch, step, train_nll, aux_loss, val_nll, lr, seconds, steps/tokens per s
     routing_usage: dict[str, np.ndarray]  # type -> (n_layers, E); empty for a dense model
-    val_scores: dict[str, np.ndarray]
+    val_scores: dict[str, np.ndarray]    # type -> validation scores (the threshold's input)
     metrics: dict[str, float]
     data_ranges: pl.DataFrame = field(default_factory=pl.DataFrame)
+    val_surprise: dict[str, np.ndarray] = field(default_factory=dict)  # the scores' two parts, unstandardised
+    val_novelty: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 HISTORY_SCHEMA = {"epoch": pl.Int64, "step": pl.Int64, "train_nll": pl.Float64, "aux_loss": pl.Float64,
@@ -473,9 +479,9 @@ HISTORY_SCHEMA = {"epoch": pl.Int64, "step": pl.Int64, "train_nll": pl.Float64, 
 def validate(detector: RoMDetector, val: Mapping[str, Sequence[Series]], chunk_len: int = 4096) -> Validation:
     """Score every validation series in chunks with carried state; the warm-up steps are not counted."""
     total, count = 0.0, 0
-    by_type, scores, usage = {}, {}, {}
+    by_type, scores, usage, surprise, novelty = {}, {}, {}, {}, {}
     for t, items in val.items():
-        t_sum, t_count, t_scores = 0.0, 0, []
+        t_sum, t_count, t_scores, t_surprise, t_novelty = 0.0, 0, [], [], []
         counts = None
         for s in items:
             r = detector.score(s.values, t, s.mask, chunk_len=chunk_len)
@@ -487,6 +493,9 @@ def validate(detector: RoMDetector, val: Mapping[str, Sequence[Series]], chunk_l
             t_count += int(observed.sum())
             keep = r.scored[w:]
             t_scores.append(r.score[w:][keep])
+            t_surprise.append(r.surprise[w:][keep])
+            if r.novelty is not None:
+                t_novelty.append(r.novelty[w:][keep])
             if r.top_experts is not None:
                 top = r.top_experts[:, w:][:, keep]  # (n_layers, steps, K)
                 E = detector.model.cfg.num_experts
@@ -496,9 +505,25 @@ def validate(detector: RoMDetector, val: Mapping[str, Sequence[Series]], chunk_l
         count += t_count
         by_type[t] = t_sum / max(t_count, 1)
         scores[t] = np.concatenate(t_scores) if t_scores else np.zeros(0)
+        surprise[t] = np.concatenate(t_surprise) if t_surprise else np.zeros(0)
+        if t_novelty:
+            novelty[t] = np.concatenate(t_novelty)
         if counts is not None:
             usage[t] = counts / np.maximum(counts.sum(1, keepdims=True), 1)
-    return Validation(total / max(count, 1), by_type, scores, usage)
+    return Validation(total / max(count, 1), by_type, scores, usage, surprise, novelty)
+
+
+@torch.no_grad()
+def fit_novelty(detector: RoMDetector, train: Mapping[str, Sequence[Series]], skip: int, chunk_len: int = 4096
+                ) -> None:
+    """Fit each type's feature Gaussian on its training series (the first ``skip`` steps of each left out while the
+    state fills up) into ``detector.novelty_``; train_detector then calibrates it on the validation steps."""
+    for t, items in train.items():
+        moments = None
+        for s in items:
+            moments = detector.feature_moments(s.values, t, s.mask, skip=min(skip, len(s) // 4), moments=moments,
+                                               chunk_len=chunk_len)
+        detector.novelty_[t] = NoveltyModel.fit(moments)
 
 
 # --- the loop -------------------------------------------------------------------------------------------------
@@ -709,8 +734,12 @@ def train_detector(
 
     if best_state is not None:
         model.load_state_dict(best_state)
+    fit_novelty(detector, train, cfg.window, cfg.score_chunk)
     final = validate(detector, val, cfg.score_chunk)
     for t in types:
+        if t in final.novelty:  # standardise both parts on the held-back normal steps, then score them
+            detector.novelty_[t].calibrate(final.surprise[t], final.novelty[t])
+            final.scores[t] = detector.novelty_[t].combine(final.surprise[t], final.novelty[t])
         s = final.scores.get(t, np.zeros(0))
         s = s[np.isfinite(s)]
         if s.size:
@@ -742,7 +771,8 @@ def train_detector(
     if missing:
         detector.info["types_without_threshold"] = missing
     model.eval()
-    return TrainResult(detector, hist, final.usage, final.scores, metrics)
+    return TrainResult(detector, hist, final.usage, final.scores, metrics, val_surprise=final.surprise,
+                       val_novelty=final.novelty)
 
 
 def _progress_bar(total: int, initial: int, enabled: bool) -> Any:

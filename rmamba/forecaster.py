@@ -49,7 +49,7 @@ class ForecasterState:
 
 @dataclass
 class ForecastOutput:
-    """Outputs over a chunk; all (batch, L, n_sensors) except routing (per layer) and aux_loss ()."""
+    """Outputs over a chunk; all (batch, L, n_sensors) except routing (per layer), aux_loss () and features."""
 
     mean: Tensor                 # forecast of x_{t+1} made at t
     scale: Tensor                # its Gaussian standard deviation
@@ -57,6 +57,7 @@ class ForecastOutput:
     scored: Tensor               # bool: x_t observed and a forecast for it exists
     routing: list[RoutingStats]  # one per layer (empty for the dense backbone)
     aux_loss: Tensor             # load-balance + z-loss of this call, with the config's coefficients
+    features: Tensor | None = None  # (batch, L, d_model) the heads' input: the backbone's summary of the past
 
     @property
     def score(self) -> Tensor:
@@ -181,7 +182,7 @@ class RoMForecaster(nn.Module):
         feat, layers, routing = self.backbone(h, None if state is None else state.layers)
         mean, scale = self._head(feat, equipment_type)                          # (b, L, n)
         nll, scored = self._score(v, m, mean, scale, state)
-        out = ForecastOutput(mean, scale, nll, scored, routing, self.backbone.aux_loss(routing))
+        out = ForecastOutput(mean, scale, nll, scored, routing, self.backbone.aux_loss(routing), feat)
         return out, ForecasterState(equipment_type, layers, mean[:, -1], scale[:, -1])
 
     @torch.no_grad()
@@ -196,4 +197,4 @@ class RoMForecaster(nn.Module):
         mean, scale = self._head(feat[:, None], equipment_type)                 # (b, 1, n)
         nll, scored = self._score(v[:, None], m[:, None], mean, scale, state)
         state.mean, state.scale = mean[:, 0], scale[:, 0]
-        return ForecastOutput(mean, scale, nll, scored, routing, self.backbone.aux_loss(routing)), state
+        return ForecastOutput(mean, scale, nll, scored, routing, self.backbone.aux_loss(routing), feat[:, None]), state

@@ -165,6 +165,29 @@ def test_loss_falls_on_a_toy():
         res.history.columns)
 
 
+def test_novelty_part_stays_up_through_a_sustained_shift():
+    """The reason for the novelty part: through a long level shift the features stay far from the training ones
+    (the novelty part stays well above everything seen on held-back normal data), so the alarm holds to the end."""
+    res = train_detector(toy_series(600), SENSORS, replace(TINY, d_model=16),
+                         cfg(window=64, batch_size=4, steps=40, steps_per_epoch=10, warmup_steps=4, lr=2e-2))
+    det = res.detector
+    assert set(det.novelty_) == {"pump", "fan"}
+    m = det.novelty_["pump"]
+    x = toy_series(900, seed=7)["pump"][0]
+    x[500:800, 1] += 3.0  # pressure: +3 bar (its normal swing is +-1) for 300 steps
+    r = det.score(x, "pump")
+    val_novelty = (res.val_novelty["pump"] - m.novelty_center_) / m.novelty_scale_
+    late = slice(650, 800)  # the second half of the shift
+    z_nov = (r.novelty[late] - m.novelty_center_) / m.novelty_scale_
+    assert np.nanmedian(z_nov) > np.max(val_novelty), (np.nanmedian(z_nov), np.max(val_novelty))
+    # flagged share late in the shift: the combined score vs surprise alone under the same threshold rule
+    surprise_only = np.nan_to_num(r.surprise[late]) > fit_threshold(res.val_surprise["pump"], "pot", 1e-3)
+    combined = det.flags(r.score[late], "pump")
+    assert combined.mean() > 0.5 and combined.mean() > surprise_only.mean() + 0.3, (combined.mean(),
+                                                                                   surprise_only.mean())
+    assert det.flags(r.score[300:500], "pump").mean() < 0.05  # normal steps before the shift
+
+
 def test_early_stopping_stops_after_patience_epochs_without_improvement():
     # min_delta so large that no epoch after the first counts as an improvement
     res = train_detector(toy_series(), SENSORS, TINY, cfg(steps=40, steps_per_epoch=2, patience=2, min_delta=1e9))
