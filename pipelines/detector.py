@@ -165,10 +165,14 @@ class NoveltyModel:
     def fit(cls, moments: FeatureMoments) -> NoveltyModel:
         return cls(*moments.gaussian())
 
-    def novelty(self, feats: np.ndarray) -> np.ndarray:
-        """feats (L, d_model) -> (L,) novelty."""
+    def novelty(self, feats: np.ndarray | torch.Tensor) -> np.ndarray:
+        """feats (L, d_model), numpy or torch (computed where the tensor is, in float64) -> (L,) novelty."""
+        if isinstance(feats, torch.Tensor):
+            f = feats.to(torch.float64)
+            d = f - torch.as_tensor(self.mean_, device=f.device)
+            return (0.5 * ((d @ torch.as_tensor(self.precision_, device=f.device)) * d).sum(-1)).cpu().numpy()
         d = np.asarray(feats, dtype=np.float64) - self.mean_
-        return 0.5 * np.einsum("ij,jk,ik->i", d, self.precision_, d)
+        return 0.5 * np.sum((d @ self.precision_) * d, axis=1)
 
     def calibrate(self, surprise: np.ndarray, novelty: np.ndarray) -> None:
         """Standardise both parts by their median and IQR on normal (held-back) steps."""
@@ -277,7 +281,7 @@ class RoMDetector:
             scored[s:s + chunk_len] = sc
             surprise[s:s + chunk_len] = np.where(sc, nll.sum(-1), np.nan)
             if novelty is not None:
-                nov = nov_model.novelty(out.features[0].double().cpu().numpy())
+                nov = nov_model.novelty(out.features[0])
                 novelty[s:s + chunk_len] = np.where(sc, nov, np.nan)
             if out.routing and out.routing[0].top_experts is not None:
                 experts.append(np.stack([r.top_experts[0].cpu().numpy().astype(np.int16) for r in out.routing]))
