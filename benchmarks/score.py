@@ -91,7 +91,7 @@ def chunks(length: int, n_sensors: int, feed: int, seed: int = 0, timer: list[fl
 def build_detector(args: argparse.Namespace):  # noqa: ANN201 (RoMDetector; imported lazily)
     import torch
 
-    from pipelines.detector import RobustScaler, RoMDetector
+    from pipelines.detector import NoveltyModel, RobustScaler, RoMDetector
     from rmamba import RoMConfig, RoMForecaster
 
     torch.manual_seed(0)
@@ -99,7 +99,11 @@ def build_detector(args: argparse.Namespace):  # noqa: ANN201 (RoMDetector; impo
     n = args.sensors
     model = RoMForecaster(cfg, {"unit": n}).to(args.device).eval()
     scaler = RobustScaler(np.zeros(n), np.full(n, 0.7))
-    return RoMDetector(model, {"unit": [f"s{i}" for i in range(n)]}, {"unit": scaler}, {"unit": 10.0})
+    det = RoMDetector(model, {"unit": [f"s{i}" for i in range(n)]}, {"unit": scaler}, {"unit": 10.0})
+    # the novelty part of the score, fitted as training does (on a short random series: speed only)
+    fit = np.random.default_rng(1).normal(0, 1, (4096, n))
+    det.novelty_["unit"] = NoveltyModel.fit(det.feature_moments(fit, "unit", skip=256))
+    return det
 
 
 def model_size(det) -> dict[str, int]:  # noqa: ANN001
