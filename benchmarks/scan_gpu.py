@@ -748,6 +748,31 @@ def render(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _shape_key(c: dict) -> tuple:
+    return (c["batch"], c["d_inner"], c["L"], c["dtype"])
+
+
+def merge_results(first: dict, second: dict) -> dict:
+    """The first call's results with the second call's shapes added (in the benchmark's shape order); notes say
+    which rows came from which call and what each measured of the card."""
+    out = {**{k: v for k, v in second.items() if k not in first}, **first}  # e.g. the reference timings
+    have = {_shape_key(c) for c in first["configs"]}
+    added = [c for c in second["configs"] if _shape_key(c) not in have]
+    order = {(8, d, L, t): i for i, (t, d, L) in enumerate((t, d, L) for t in ("bfloat16", "float32")
+                                                           for d in (1536, 4096) for L in (2048, 8192, 32768, 131072))}
+    order.update({(1, d, 1 << 20, t): 100 + i for i, (t, d) in enumerate((t, d) for t in ("bfloat16", "float32")
+                                                                         for d in (1536, 4096))})
+    out["configs"] = sorted(first["configs"] + added, key=lambda c: (c["dtype"] != "bfloat16",
+                                                                     order.get(_shape_key(c), 999)))
+    f2 = second["floors"]
+    shapes = ", ".join(f"{c['batch']} x {c['d_inner']} x {c['L']} {c['dtype']}" for c in added)
+    out["notes"] = [n for n in first.get("notes", []) if not n.startswith("time budget reached")] + [
+        f"Rows {shapes} were measured in a second call on the same kind of card ({second['date']}, the first call "
+        f"hit its time budget; copy {f2['copy_bw'] / 1e12:.2f} TB/s, compute floor "
+        f"{f2['compute_elems_per_s'] / 1e9:.0f} G elem/s in that call)."] + second.get("notes", [])
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
@@ -761,14 +786,21 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference (~90 s)")
     ap.add_argument("--budget-s", type=float, default=480.0, help="stop timing new shapes after this many seconds")
     ap.add_argument("--render", type=Path, help="render a results JSON into BENCHMARKS.md and exit")
+    ap.add_argument("--skip-done", type=Path, help="a results JSON of an earlier call on this card: skip the shapes "
+                    "and the step benchmark it holds (a call that hit --budget-s is finished by a second call)")
+    ap.add_argument("--merge", type=Path, help="with --render: add this second call's shapes to the table")
     ap.add_argument("--precompile-worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.precompile_worker:
         precompile_worker(json.loads(args.precompile_worker))
         return
     if args.render:
-        write_section(ROOT / "BENCHMARKS.md", "scan_gpu", render(json.loads(args.render.read_text())))
+        res = json.loads(args.render.read_text())
+        if args.merge:
+            res = merge_results(res, json.loads(args.merge.read_text()))
+        write_section(ROOT / "BENCHMARKS.md", "scan_gpu", render(res))
         return
+    done = json.loads(args.skip_done.read_text()) if args.skip_done else None
     t_start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     proc = None if args.no_mamba else start_mamba_build(args.mamba_sdist, args.work)
@@ -804,7 +836,7 @@ def main() -> None:
         (args.out / "BENCHMARKS_scan_gpu.md").write_text(render(res))
 
     save()
-    if not args.lean:
+    if not args.lean and done is None:
         step_bench(mstep, res)
         save()
     if not ok_small:
@@ -826,6 +858,10 @@ def main() -> None:
     if args.quick:
         shapes = [(8, 1536, 8192, torch.bfloat16), (8, 4096, 32768, torch.bfloat16), (1, 4096, 1 << 20, torch.bfloat16),
                   (8, 1536, 8192, torch.float32)]
+    if done is not None:
+        have = {_shape_key(c) for c in done["configs"]}
+        shapes = [sh for sh in shapes if (sh[0], sh[1], sh[2], str(sh[3]).replace("torch.", "")) not in have]
+        print("shapes left from the earlier call:", shapes, flush=True)
     for (b, d, L, dtype) in shapes:
         if time.perf_counter() - t_start > args.budget_s:
             res["notes"].append(f"time budget reached: b{b} d{d} L{L} {dtype} and later shapes not run")
