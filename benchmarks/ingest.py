@@ -470,11 +470,15 @@ def render(results: list[dict], meta: dict, load: tuple[float, float]) -> str:
                  "align, 315 lz4 store files; one process per core) 13.5 / 7.5; commit and the rest 0.4 / 0.8; in "
                  "all 37.6 / 21.8. The code before this revision, same conditions: stage A 34.2 / 19.7 (hash "
                  "included), stage B 34.9 / 19.2 (9,450 day files), the rest 1.3 / 1.6, in all 70.5 / 40.4.")
-    lines.append("- Margin: ours needs ~32-40 CPU s per GB and gets ~1.6 of the 2 shared cores, so the wide ratio "
-                 "moves with other users' load by about a fifth from run to run: another run of this same code on "
-                 "2026-11-28 (load 1.0 -> 3.5) measured 23.8 s vs 106.7 s, 4.5x. Of the CPU time, parsing the CSV "
-                 "text is ~7 s, staging ~3, the timestamp and value cleaning ~7, the line check and the hash ~2, "
-                 "stage B compute ~6 and the 315 store files ~5; no single step is large enough left to remove.")
+    lines.append("- Margin, and how much it moves: earlier runs of this same ingest code on the same file (a previous "
+                 "session's machine of this kind): 2026-11-28 ~08:50 UTC (load 0.8 -> 1.3) 18.0 s vs 98.3 s, "
+                 "5.5x, ours 31.7 CPU s; the same day (load 1.0 -> 3.5) 23.8 s vs 106.7 s, 4.5x. The machine's "
+                 "speed differs between sessions (the "
+                 "scan benchmark's sequential reference took 1.0 s in one session and 2.4-2.8 s in another), and "
+                 "ours -- two processes, memory-bound -- loses more of it than single-threaded pandas: in a slow "
+                 "session the same code needed 48-51 CPU s (+50%) where pandas needed 116-121 (+16-21%). Of ours' "
+                 "CPU time (fast session), parsing the CSV text is ~7 s, staging ~3, the timestamp and value cleaning "
+                 "~7, the line check and the hash ~2, stage B compute ~6 and the 315 store files ~5.")
     return "\n".join(lines)
 
 
