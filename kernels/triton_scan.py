@@ -615,36 +615,28 @@ def _fwd_split_kernel(
                     nk = g2 * NS + kk
                     tl.store(ck_ptr + ((b64 * n_ck + t0 // CK) * N + nk) * d_inner + d2, h[kk],
                              mask=(d2 < d_inner) & (nk < N))
-        if LOCAL:
-            for c in tl.static_range(T // TC):
-                Bs = Bn
-                if c + 1 < T // TC:
-                    Bn, Cn = _bc_chunk(B_b, C_b, t0 + (c + 1) * TC, NP, bc_off, G, BLOCK_D, TC * NS, False)
-                for ii in tl.static_range(TC):
-                    hn = ()
-                    for kk in tl.static_range(NS):
-                        a = _exp2_sel(dls[c * TC + ii] * A2[kk], kk, N_POLY)
-                        hn = hn + (a * h[kk] + dus[c * TC + ii] * Bs[ii * NS + kk],)
-                    h = hn
-        else:
-            ys = ()
-            for c in tl.static_range(T // TC):
-                Bs = Bn
-                Cs = Cn
-                if c + 1 < T // TC:
-                    Bn, Cn = _bc_chunk(B_b, C_b, t0 + (c + 1) * TC, NP, bc_off, G, BLOCK_D, TC * NS, True)
-                for ii in tl.static_range(TC):
-                    hn = ()
-                    for kk in tl.static_range(NS):
-                        a = _exp2_sel(dls[c * TC + ii] * A2[kk], kk, N_POLY)
-                        hh = a * h[kk] + dus[c * TC + ii] * Bs[ii * NS + kk]
+        # the recurrence over the tile; LOCAL (the segments' pre-pass) needs only the final state, not y
+        ys = ()
+        for c in tl.static_range(T // TC):
+            Bs = Bn
+            Cs = Cn
+            if c + 1 < T // TC:
+                Bn, Cn = _bc_chunk(B_b, C_b, t0 + (c + 1) * TC, NP, bc_off, G, BLOCK_D, TC * NS, not LOCAL)
+            for ii in tl.static_range(TC):
+                hn = ()
+                for kk in tl.static_range(NS):
+                    a = _exp2_sel(dls[c * TC + ii] * A2[kk], kk, N_POLY)
+                    hh = a * h[kk] + dus[c * TC + ii] * Bs[ii * NS + kk]
+                    if not LOCAL:
                         if kk == 0:
                             y = hh * Cs[ii * NS]
                         else:
                             y += hh * Cs[ii * NS + kk]
-                        hn = hn + (hh,)
-                    h = hn
+                    hn = hn + (hh,)
+                h = hn
+                if not LOCAL:
                     ys = ys + (y,)
+        if not LOCAL:
             # <h, C> of each step back to its owner lane, then + D u, * silu(z), store
             y = _join_last(_reduce_scatter(ys, g2, G, T, G // 2, SHFL), TL)
             if HAS_D:
