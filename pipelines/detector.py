@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from rmamba import ForecasterState, LayerState, RoMConfig, RoMForecaster
+from rmamba import ForecasterState, ForecastOutput, LayerState, RoMConfig, RoMForecaster
 
 if TYPE_CHECKING:  # polars is imported where frames are used: rmamba-only machines can still score arrays
     import polars as pl
@@ -167,12 +167,9 @@ class NoveltyModel:
 
     def novelty(self, feats: np.ndarray | torch.Tensor) -> np.ndarray:
         """feats (L, d_model), numpy or torch (computed where the tensor is, in float64) -> (L,) novelty."""
-        if isinstance(feats, torch.Tensor):
-            f = feats.to(torch.float64)
-            d = f - torch.as_tensor(self.mean_, device=f.device)
-            return (0.5 * ((d @ torch.as_tensor(self.precision_, device=f.device)) * d).sum(-1)).cpu().numpy()
-        d = np.asarray(feats, dtype=np.float64) - self.mean_
-        return 0.5 * np.sum((d @ self.precision_) * d, axis=1)
+        f = torch.as_tensor(feats).to(torch.float64)
+        d = f - torch.as_tensor(self.mean_, device=f.device)
+        return (0.5 * ((d @ torch.as_tensor(self.precision_, device=f.device)) * d).sum(-1)).cpu().numpy()
 
     def calibrate(self, surprise: np.ndarray, novelty: np.ndarray) -> None:
         """Standardise both parts by their median and IQR on normal (held-back) steps."""
@@ -251,6 +248,48 @@ class RoMDetector:
         ``self.sensors[equipment_type]``. Memory is bounded by ``chunk_len``, not L. Pass the returned
         ``state`` to the next call to continue exactly (streaming).
         """
+        n = len(self.sensors[equipment_type]) if equipment_type in self.sensors else 0
+        L = np.shape(values)[0]
+        nov_model = self.novelty_.get(equipment_type)
+        surprise = np.full(L, np.nan)
+        novelty = None if nov_model is None else np.full(L, np.nan)
+        attr = np.zeros((L, n))
+        scored = np.zeros(L, dtype=bool)
+        experts: list[np.ndarray] = []
+        for s, out, after in self._chunks(values, equipment_type, mask, state, chunk_len):
+            state = after
+            sc = out.scored[0].any(-1).cpu().numpy()
+            nll = out.nll[0].double().cpu().numpy()
+            attr[s:s + chunk_len] = nll
+            scored[s:s + chunk_len] = sc
+            surprise[s:s + chunk_len] = np.where(sc, nll.sum(-1), np.nan)
+            if novelty is not None:
+                novelty[s:s + chunk_len] = np.where(sc, nov_model.novelty(out.features[0]), np.nan)
+            if out.routing and out.routing[0].top_experts is not None:
+                experts.append(np.stack([r.top_experts[0].cpu().numpy().astype(np.int16) for r in out.routing]))
+        top = np.concatenate(experts, axis=1) if experts else None
+        score = surprise if novelty is None else nov_model.combine(surprise, novelty)
+        return ScoreResult(score, attr, scored, top, state, surprise, novelty)
+
+    @torch.no_grad()
+    def feature_moments(self, values: np.ndarray, equipment_type: str, mask: np.ndarray | None = None,
+                        skip: int = 0, moments: FeatureMoments | None = None, chunk_len: int = 4096
+                        ) -> FeatureMoments:
+        """Accumulate the model's features over one series (physical units, as for `score`), leaving out the
+        first ``skip`` steps (the state is still filling up there); returns ``moments`` (new when None)."""
+        moments = moments if moments is not None else FeatureMoments(self.model.cfg.d_model)
+        for s, out, _ in self._chunks(values, equipment_type, mask, None, chunk_len):
+            f = out.features[0].double().cpu().numpy()
+            keep = max(skip - s, 0)
+            if keep < f.shape[0]:
+                moments.add(f[keep:])
+        return moments
+
+    def _chunks(self, values: np.ndarray, equipment_type: str, mask: np.ndarray | None,
+                state: ForecasterState | None, chunk_len: int
+                ) -> Iterator[tuple[int, ForecastOutput, ForecasterState]]:
+        """Validate and normalise one equipment's readings, then run the model chunk by chunk with carried state:
+        yields (first step of the chunk, its outputs, the state after it)."""
         if equipment_type not in self.scalers_:
             raise ValueError(f"equipment_type: unknown type {equipment_type!r}; the model knows "
                              f"{', '.join(sorted(self.scalers_))}")
@@ -264,50 +303,10 @@ class RoMDetector:
             raise ValueError(f"chunk_len: expected >= 1, got {chunk_len}")
         self.model.eval()
         dtype = next(self.model.parameters()).dtype
-        L = x.shape[0]
-        nov_model = self.novelty_.get(equipment_type)
-        surprise = np.full(L, np.nan)
-        novelty = None if nov_model is None else np.full(L, np.nan)
-        attr = np.zeros((L, n))
-        scored = np.zeros(L, dtype=bool)
-        experts: list[np.ndarray] = []
-        for s in range(0, L, chunk_len):
-            xt = torch.as_tensor(x[s:s + chunk_len], dtype=dtype, device=self.device)[None]
-            mt = torch.isfinite(xt)
-            out, state = self.model(torch.nan_to_num(xt), mt, equipment_type, state)
-            sc = out.scored[0].any(-1).cpu().numpy()
-            nll = out.nll[0].double().cpu().numpy()
-            attr[s:s + chunk_len] = nll
-            scored[s:s + chunk_len] = sc
-            surprise[s:s + chunk_len] = np.where(sc, nll.sum(-1), np.nan)
-            if novelty is not None:
-                nov = nov_model.novelty(out.features[0])
-                novelty[s:s + chunk_len] = np.where(sc, nov, np.nan)
-            if out.routing and out.routing[0].top_experts is not None:
-                experts.append(np.stack([r.top_experts[0].cpu().numpy().astype(np.int16) for r in out.routing]))
-        top = np.concatenate(experts, axis=1) if experts else None
-        score = surprise if novelty is None else nov_model.combine(surprise, novelty)
-        return ScoreResult(score, attr, scored, top, state, surprise, novelty)
-
-    @torch.no_grad()
-    def feature_moments(self, values: np.ndarray, equipment_type: str, mask: np.ndarray | None = None,
-                        skip: int = 0, moments: FeatureMoments | None = None, chunk_len: int = 4096
-                        ) -> FeatureMoments:
-        """Accumulate the model's features over one series (physical units, as for `score`), leaving out the
-        first ``skip`` steps (the state is still filling up there); returns ``moments`` (new when None)."""
-        x = self.scalers_[equipment_type].transform(_masked(values, mask))
-        moments = moments if moments is not None else FeatureMoments(self.model.cfg.d_model)
-        self.model.eval()
-        dtype = next(self.model.parameters()).dtype
-        state = None
         for s in range(0, x.shape[0], chunk_len):
             xt = torch.as_tensor(x[s:s + chunk_len], dtype=dtype, device=self.device)[None]
             out, state = self.model(torch.nan_to_num(xt), torch.isfinite(xt), equipment_type, state)
-            f = out.features[0].double().cpu().numpy()
-            keep = max(skip - s, 0)
-            if keep < f.shape[0]:
-                moments.add(f[keep:])
-        return moments
+            yield s, out, state
 
     def score_frame(self, frame: pl.DataFrame, equipment_type: str | None = None, *, chunk_len: int = 4096
                     ) -> pl.DataFrame:
