@@ -748,6 +748,18 @@ def render(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def all_shapes() -> list[tuple[int, int, int, torch.dtype]]:
+    """The issue's shapes in table order: (batch, d_inner, L, dtype)."""
+    shapes = []
+    for dtype in (torch.bfloat16, torch.float32):
+        for d in (1536, 4096):
+            for L in (2048, 8192, 32768, 131072):
+                shapes.append((8, d, L, dtype))
+        for d in (1536, 4096):
+            shapes.append((1, d, 1 << 20, dtype))
+    return shapes
+
+
 def _shape_key(c: dict) -> tuple:
     return (c["batch"], c["d_inner"], c["L"], c["dtype"])
 
@@ -758,12 +770,8 @@ def merge_results(first: dict, second: dict) -> dict:
     out = {**{k: v for k, v in second.items() if k not in first}, **first}  # e.g. the reference timings
     have = {_shape_key(c) for c in first["configs"]}
     added = [c for c in second["configs"] if _shape_key(c) not in have]
-    order = {(8, d, L, t): i for i, (t, d, L) in enumerate((t, d, L) for t in ("bfloat16", "float32")
-                                                           for d in (1536, 4096) for L in (2048, 8192, 32768, 131072))}
-    order.update({(1, d, 1 << 20, t): 100 + i for i, (t, d) in enumerate((t, d) for t in ("bfloat16", "float32")
-                                                                         for d in (1536, 4096))})
-    out["configs"] = sorted(first["configs"] + added, key=lambda c: (c["dtype"] != "bfloat16",
-                                                                     order.get(_shape_key(c), 999)))
+    order = {(b, d, L, str(t).replace("torch.", "")): i for i, (b, d, L, t) in enumerate(all_shapes())}
+    out["configs"] = sorted(first["configs"] + added, key=lambda c: order.get(_shape_key(c), len(order)))
     f2 = second["floors"]
     shapes = ", ".join(f"{c['batch']} x {c['d_inner']} x {c['L']} {c['dtype']}" for c in added)
     out["notes"] = [n for n in first.get("notes", []) if not n.startswith("time budget reached")] + [
@@ -843,13 +851,7 @@ def main() -> None:
         res["notes"].append("small-shape checks failed: nothing timed")
         save()
         return
-    shapes = []
-    for dtype in (torch.bfloat16, torch.float32):
-        for d in (1536, 4096):
-            for L in (2048, 8192, 32768, 131072):
-                shapes.append((8, d, L, dtype))
-        for d in (1536, 4096):
-            shapes.append((1, d, 1 << 20, dtype))
+    shapes = all_shapes()
     if args.lean:
         bf, f32 = torch.bfloat16, torch.float32
         shapes = [(8, 4096, 32768, bf), (8, 1536, 32768, bf), (8, 4096, 131072, bf), (1, 4096, 1 << 20, bf),
