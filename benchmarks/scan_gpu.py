@@ -718,14 +718,17 @@ def render(res: dict) -> str:
              "| shape (b, d_inner, L) | dtype | Triton fwd | mamba-ssm fwd | speed-up | G elem/s | floor (binds) "
              "| % of floor | Triton fwd+bwd | mamba-ssm fwd+bwd | speed-up | notes |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    def ratio(v: float | None, fmt: str = "{:.2f}x") -> str:
+        return fmt.format(v) if v else "-"  # not measured (skipped shape) -> "-", not 0
+
     for r in res.get("configs", []):
         fl_r = r.get("floor_fwd_ms", {})
         floor = (f"{max(fl_r['bandwidth'], fl_r['compute']):.3f} ({fl_r['binding']})" if fl_r else "-")
         lines.append(
             f"| {r['batch']}, {r['d_inner']}, {r['L']} | {r['dtype']} | {fmt_t(r.get('triton_fwd'))} | "
-            f"{fmt_t(r.get('mamba_fwd'))} | {r.get('speedup_fwd', 0):.2f}x | {r.get('gelem_s_fwd', 0):.0f} | "
-            f"{floor} | {r.get('pct_floor_fwd', 0):.0f}% | {fmt_t(r.get('triton_fwdbwd'))} | "
-            f"{fmt_t(r.get('mamba_fwdbwd'))} | {r.get('speedup_fwdbwd', 0):.2f}x | "
+            f"{fmt_t(r.get('mamba_fwd'))} | {ratio(r.get('speedup_fwd'))} | {ratio(r.get('gelem_s_fwd'), '{:.0f}')} | "
+            f"{floor} | {ratio(r.get('pct_floor_fwd'), '{:.0f}%')} | {fmt_t(r.get('triton_fwdbwd'))} | "
+            f"{fmt_t(r.get('mamba_fwdbwd'))} | {ratio(r.get('speedup_fwdbwd'))} | "
             f"{'; '.join(r.get('notes', [])) or ('checks failed' if not r.get('fwd_ok', True) else '')} |")
     if res.get("step"):
         lines += ["", "One-step update (streaming), d_state 16, state fp32, activations bf16. GPU time per call (ms) "

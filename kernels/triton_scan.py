@@ -7,13 +7,16 @@ Activations may be fp32, bf16 or fp16; the state and all arithmetic are fp32. fp
 Design (why it is shaped like this; measurements, and what did not pan out: docs/notes/triton_scan_notes.md):
 - Forward, two kernels; _pick_config chooses by shape (measured on an H200, both in one call):
   - _fwd_kernel, one lane per channel: a program owns BLOCK_D channels x all d_state states of one batch row and
-    walks time in tiles of T steps. A tile of u / delta / z (channels x T, contiguous in time) is loaded once, one
-    tile ahead (DRAM latency overlaps the current tile's arithmetic), split in registers into T per-step vectors,
-    and the recurrence is unrolled over the T steps: per state and step one exp2 and ~4 fp32 ops, no shuffles
-    (<h, C> is an in-thread sum). B, C go through shared memory (one broadcast load per 4 values).
+    walks time in tiles of T steps. A tile of u / delta / z (channels x T, contiguous in time) is loaded once,
+    split in registers into T per-step vectors, and the recurrence is unrolled over the T steps: per state and
+    step one exp2 and ~4 fp32 ops, no shuffles (<h, C> is an in-thread sum). The loads stay inside the loop
+    (STAGES >= 2) and Triton's software pipeliner turns them into asynchronous copies to shared memory issued
+    STAGES - 1 tiles ahead; each thread then reads B, C of the tile from shared memory as a broadcast. (STAGES = 0:
+    the older register prefetch one tile ahead, which needs ~45 more registers and spills at T = 8.)
   - _fwd_split_kernel, d_state split over G = 4 lanes (lane g holds states g*NS..): 4x the threads at the same
     exp2 count, for shapes where one lane per channel leaves the GPU short of warps but a split fills it in one
-    pass (8 x d_inner 1536: the first kernel needs segments there, i.e. a second pass of exponentials).
+    pass (8 x d_inner 1536: the first kernel needs segments there, i.e. a second pass of exponentials); since the
+    first kernel's loads are pipelined it is used only for short sequences there (L <= 4096).
     Per-element work (loads, softplus, gating, stores) is not repeated on the G lanes: in each T-step tile lane g
     owns steps g*TL..g*TL+TL-1; the lanes exchange delta and delta*u (every step to every lane) and the partial
     <h, C> sums (back to each step's owner, a butterfly reduce-scatter) by warp shuffles. Plain Triton has no
@@ -285,6 +288,49 @@ def _tile_steps(h, A2, dls, dus, Bs, N: tl.constexpr, NP: tl.constexpr, T: tl.co
     return h
 
 
+@triton.jit
+def _fwd_tile(cur, h, dsum, t0, L, A2, bias, Dv, y_row, ck_ptr, b64, n_ck, d_inner, offs_d, d_ok, offs_t, y_ty,
+              N: tl.constexpr, NP: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr, CK: tl.constexpr,
+              HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+              LOCAL: tl.constexpr, N_POLY: tl.constexpr):
+    """_fwd_kernel's work on one tile of T steps from its raw inputs `cur` (see _load_tile): checkpoint, state
+    update, y (or, LOCAL, the delta sum). Returns the new state and delta sum."""
+    if CK > 0:
+        if t0 % CK == 0:
+            _store_state(ck_ptr, (b64 * n_ck + t0 // CK) * N, d_inner, offs_d, d_ok, h, N)
+    t = t0 + offs_t
+    m2 = d_ok[:, None] & (t < L)[None, :]                     # (D, T)
+    dl, raw = _delta(cur[1], m2, bias, HAS_BIAS, SOFTPLUS)
+    u = cur[0].to(tl.float32)
+    dls = _split_last(dl, T)
+    dus = _split_last(dl * u, T)
+    Bs = _scalars(cur[4], T * NP)
+    if LOCAL:
+        dsum += tl.sum(dl, axis=1)
+        h = _tile_steps(h, A2, dls, dus, Bs, N, NP, T, N_POLY)
+    else:
+        Cs = _scalars(cur[5], T * NP)
+        ys = ()
+        for i in tl.static_range(T):
+            hn = ()
+            y = tl.zeros((BLOCK_D,), dtype=tl.float32)
+            for n in tl.static_range(N):
+                a = _exp2_sel(dls[i] * A2[n], n, N_POLY)
+                hh = a * h[n] + dus[i] * Bs[i * NP + n]
+                y += hh * Cs[i * NP + n]
+                hn = hn + (hh,)
+            h = hn
+            ys = ys + (y,)
+        y = _join_last(ys, T)
+        if HAS_D:
+            y += Dv[:, None] * u
+        if HAS_Z:
+            zt = cur[2].to(tl.float32)
+            y = y * (zt * _sigmoid(zt))
+        tl.store(y_row + t[None, :], y.to(y_ty), mask=m2)
+    return h, dsum
+
+
 # ---------------------------------------------------------------------------------- forward: one lane per channel
 @triton.jit(do_not_specialize=["n_seg", "n_ck"])
 def _fwd_kernel(
@@ -294,7 +340,7 @@ def _fwd_kernel(
     s_ub, s_ud, s_tb, s_td, s_Bb, s_Bt, s_Cb, s_Ct, s_zb, s_zd, s_yb, s_yd,
     N: tl.constexpr, NP: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr, CK: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_H0: tl.constexpr, LOCAL: tl.constexpr, N_POLY: tl.constexpr,
+    HAS_H0: tl.constexpr, LOCAL: tl.constexpr, N_POLY: tl.constexpr, STAGES: tl.constexpr = 0,
 ):
     """One (channel block, batch row, segment). LOCAL: zero start, write end state + sum(delta), no y.
 
@@ -320,6 +366,8 @@ def _fwd_kernel(
         bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
     if HAS_D:
         Dv = tl.load(Dv_ptr + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+    else:
+        Dv = bias
 
     st_row = (b64 * n_seg + pid_s) * N
     if HAS_H0:
@@ -339,45 +387,26 @@ def _fwd_kernel(
     t_end = tl.minimum(t_start + seg_len, L)
     W_Z: tl.constexpr = HAS_Z and not LOCAL
     W_C: tl.constexpr = not LOCAL
-    nxt = _load_tile(u_row, dt_row, z_row, dt_row, B_b, C_b, t_start, L, s_Bt, s_Ct, d_ok, offs_t,
-                     N, NP, T, True, W_Z, False, True, W_C)
-    for t0 in range(t_start, t_end, T):
-        cur = nxt
-        nxt = _load_tile(u_row, dt_row, z_row, dt_row, B_b, C_b, t0 + T, L, s_Bt, s_Ct, d_ok, offs_t,
+    if STAGES == 0:
+        # register prefetch: the next tile's loads are issued before this tile's arithmetic
+        nxt = _load_tile(u_row, dt_row, z_row, dt_row, B_b, C_b, t_start, L, s_Bt, s_Ct, d_ok, offs_t,
                          N, NP, T, True, W_Z, False, True, W_C)
-        if CK > 0:
-            if t0 % CK == 0:
-                _store_state(ck_ptr, (b64 * n_ck + t0 // CK) * N, d_inner, offs_d, d_ok, h, N)
-        t = t0 + offs_t
-        m2 = d_ok[:, None] & (t < L)[None, :]                     # (D, T)
-        dl, raw = _delta(cur[1], m2, bias, HAS_BIAS, SOFTPLUS)
-        u = cur[0].to(tl.float32)
-        dls = _split_last(dl, T)
-        dus = _split_last(dl * u, T)
-        Bs = _scalars(cur[4], T * NP)
-        if LOCAL:
-            dsum += tl.sum(dl, axis=1)
-            h = _tile_steps(h, A2, dls, dus, Bs, N, NP, T, N_POLY)
-        else:
-            Cs = _scalars(cur[5], T * NP)
-            ys = ()
-            for i in tl.static_range(T):
-                hn = ()
-                y = tl.zeros((BLOCK_D,), dtype=tl.float32)
-                for n in tl.static_range(N):
-                    a = _exp2_sel(dls[i] * A2[n], n, N_POLY)
-                    hh = a * h[n] + dus[i] * Bs[i * NP + n]
-                    y += hh * Cs[i * NP + n]
-                    hn = hn + (hh,)
-                h = hn
-                ys = ys + (y,)
-            y = _join_last(ys, T)
-            if HAS_D:
-                y += Dv[:, None] * u
-            if HAS_Z:
-                zt = cur[2].to(tl.float32)
-                y = y * (zt * _sigmoid(zt))
-            tl.store(y_row + t[None, :], y.to(y_ptr.dtype.element_ty), mask=m2)
+        for t0 in range(t_start, t_end, T):
+            cur = nxt
+            nxt = _load_tile(u_row, dt_row, z_row, dt_row, B_b, C_b, t0 + T, L, s_Bt, s_Ct, d_ok, offs_t,
+                             N, NP, T, True, W_Z, False, True, W_C)
+            h, dsum = _fwd_tile(cur, h, dsum, t0, L, A2, bias, Dv, y_row, ck_ptr, b64, n_ck, d_inner, offs_d, d_ok,
+                                offs_t, y_ptr.dtype.element_ty, N, NP, BLOCK_D, T, CK, HAS_D, HAS_Z, HAS_BIAS,
+                                SOFTPLUS, LOCAL, N_POLY)
+    else:
+        # loads inside the loop: Triton's software pipeliner stages them STAGES - 1 tiles ahead through shared
+        # memory (asynchronous copies)
+        for t0 in tl.range(t_start, t_end, T, num_stages=STAGES):
+            cur = _load_tile(u_row, dt_row, z_row, dt_row, B_b, C_b, t0, L, s_Bt, s_Ct, d_ok, offs_t,
+                             N, NP, T, True, W_Z, False, True, W_C)
+            h, dsum = _fwd_tile(cur, h, dsum, t0, L, A2, bias, Dv, y_row, ck_ptr, b64, n_ck, d_inner, offs_d, d_ok,
+                                offs_t, y_ptr.dtype.element_ty, N, NP, BLOCK_D, T, CK, HAS_D, HAS_Z, HAS_BIAS,
+                                SOFTPLUS, LOCAL, N_POLY)
     _store_state(hout_ptr, st_row, d_inner, offs_d, d_ok, h, N)
     if LOCAL:
         tl.store(dsum_ptr + (b64 * n_seg + pid_s) * d_inner + offs_d, dsum, mask=d_ok)
@@ -959,14 +988,17 @@ def _pick_config(b: int, d: int, L: int, dtype: torch.dtype, device: torch.devic
         n_seg = 1 if warps >= 6 * sms else triton.cdiv(12 * sms, warps)
         cfg = {"BLOCK_D": block_d, "T": T, "num_warps": num_warps, "n_seg": n_seg, "N_POLY": 2}
     else:
-        # Two forward kernels (GPU call 2 of docs/notes/triton_scan_notes.md, H200, same call):
-        # - one lane per channel, all states in the thread (G = 1): fastest where it fills the GPU in one pass
-        #   (8 x 4096: 104 G elem/s vs 74) and with segments at batch 1 (56 vs 34), and in fp32 (51 vs 37);
-        # - d_state split over G = 4 lanes (T = 8): 4x the warps in one pass, faster exactly where the first needs
-        #   segments (two passes of exponentials) and the second does not: 8 x 1536 bf16, 58.5 vs 52.2 G elem/s.
+        # Two forward kernels (docs/notes/triton_scan_notes.md, H200):
+        # - one lane per channel, all states in the thread (G = 1), its loads left in the loop for Triton's software
+        #   pipeliner (STAGES = 3: asynchronous copies through shared memory, two tiles in flight), T = 8 (session 4,
+        #   same calls: 1.14-1.53x the register-prefetch T = 4 version at L >= 32768, bf16 and fp32, 1.2x at
+        #   8 x 1536 x 8192, 1.02x at 8 x 4096 x 2048; T = 8 with register prefetch spills, this needs 124 registers);
+        # - d_state split over G = 4 lanes (T = 8): 4x the warps in one pass; since session 4 only at short
+        #   sequences of 8 x 1536 16-bit (L = 2048: 0.544 vs 0.575 ms; at L = 8192 the first is 1.10x faster,
+        #   at 32768 1.19x).
         warps1 = b * triton.cdiv(d, 32)
         warps4 = b * d * 4 // 32
-        if dtype in (torch.bfloat16, torch.float16) and warps1 < 6 * sms <= warps4:
+        if dtype in (torch.bfloat16, torch.float16) and warps1 < 6 * sms <= warps4 and L <= 4096:
             cfg = {"G": 4, "T": 8, "TC": 4, "BC_PRE": True, "FMA_RCP": True, "num_warps": 1, "n_seg": 1,
                    "N_POLY": 0}
         else:
@@ -974,7 +1006,7 @@ def _pick_config(b: int, d: int, L: int, dtype: torch.dtype, device: torch.devic
             # segments, 1 x 4096 x 1M with 10, 8 x 4096 with 1). A segment pre-pass costs ~3/4 of a forward, so
             # split only when short of warps, aiming at ~12 per SM, and keep segments >= 4 chunks long.
             n_seg = 1 if warps1 >= 6 * sms else triton.cdiv(12 * sms, warps1)
-            cfg = {"G": 1, "BLOCK_D": 32, "T": 4, "num_warps": 1, "n_seg": n_seg, "N_POLY": 2}
+            cfg = {"G": 1, "BLOCK_D": 32, "T": 8, "STAGES": 3, "num_warps": 1, "n_seg": n_seg, "N_POLY": 2}
     cfg["n_seg"] = max(1, min(cfg["n_seg"], triton.cdiv(L, 4 * CK_DEFAULT)))
     cfg.update(_CONFIG_OVERRIDE.get("bwd" if backward else "fwd", {}))
     return cfg
@@ -1109,11 +1141,13 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, softplus: bool, save_ck: b
     opt = (D if D is not None else dummy, zz, delta_bias if delta_bias is not None else dummy)
     if G == 1:
         BD = cfg.get("BLOCK_D", 32 * nw)
+        assert ck_len % T == 0, (T, ck_len)            # checkpoints are written at tile starts
         B, C = _n_contig(B), _n_contig(C)
         kernel, check = _fwd_kernel, None
         bc = (B, C)
         common = dict(N=n, NP=NP, BLOCK_D=BD, T=T, HAS_D=D is not None, HAS_Z=z is not None,
-                      HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, N_POLY=min(cfg["N_POLY"], n), num_warps=nw)
+                      HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus, N_POLY=min(cfg["N_POLY"], n),
+                      STAGES=cfg.get("STAGES", 0), num_warps=nw)
         sizes = ()
         strides = (u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), B.stride(0), B.stride(2),
                    C.stride(0), C.stride(2), zz.stride(0), zz.stride(1), y.stride(0), y.stride(1))

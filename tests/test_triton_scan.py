@@ -43,14 +43,17 @@ def ts():
     mod.CK_DEFAULT = saved[1]
 
 
-def configure(ts, n_seg=1, ck=8, bwd_seg=None, G=4, T=None, TC=2, bc_pre=True, n_poly=1, fma_rcp=True):
+def configure(ts, n_seg=1, ck=8, bwd_seg=None, G=4, T=None, TC=2, bc_pre=True, n_poly=1, fma_rcp=True, stages=None):
     """Small blocks and chunks so that tiny problems still cross every boundary the GPU sizes do. Forward: G lanes
     per channel (d_state split G ways; 8 channels per program at G = 4), T-step tiles (T divides ck), B / C loaded
     TC steps at a time, the first N_POLY states of each lane through the polynomial exp2, reciprocals in softplus
-    and sigmoid on the FMA units (fma_rcp) or the special-function unit."""
+    and sigmoid on the FMA units (fma_rcp) or the special-function unit. stages: the one-lane kernel's (G = 1)
+    loads, 0 = register prefetch one tile ahead, >= 2 = inside the loop for Triton's pipeliner."""
     ts.CK_DEFAULT = ck
     ts._CONFIG_OVERRIDE["fwd"] = {"n_seg": n_seg, "G": G, "T": T or max(4, G), "TC": TC, "BC_PRE": bc_pre,
                                   "N_POLY": n_poly, "FMA_RCP": fma_rcp, "num_warps": 1}
+    if stages is not None:
+        ts._CONFIG_OVERRIDE["fwd"]["STAGES"] = stages
     ts._CONFIG_OVERRIDE["bwd"] = {"n_seg": bwd_seg or n_seg, "BLOCK_D": 32, "num_warps": 1}
 
 
@@ -105,6 +108,24 @@ def test_forward_all_options(ts, n_seg, G):
     (y, hT), (yr, hr), _, _ = run_both(inp)
     assert y.shape == yr.shape and y.dtype == torch.float32
     assert rel(y, yr) < 1e-5 and rel(hT, hr) < 1e-5
+
+
+@pytest.mark.parametrize("stages,T", [(0, 4), (3, 8), (2, 4)])
+@pytest.mark.parametrize("n_seg", [1, 3])
+def test_forward_one_lane_load_stages(ts, stages, T, n_seg):
+    """The one-lane forward (G = 1) with its loads prefetched in registers (stages 0) or left in the loop for the
+    pipeliner: y, the final state and, through the backward, the checkpoints; L not a multiple of T or the chunk."""
+    configure(ts, n_seg=n_seg, G=1, T=T, stages=stages)
+    inp = make(2, 40, 4, 45, seed=30 + stages)
+    (y, hT), (yr, hr), g, gr = run_both(inp, grads=True)
+    assert rel(y, yr) < 1e-5 and rel(hT, hr) < 1e-5
+    for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state"):
+        assert rel(g[k], gr[k]) < 1e-5, k
+    configure(ts, G=1, T=T, stages=stages)
+    inp = make(1, 32, 3, 19, seed=31)
+    inp["delta"] = torch.rand_like(inp["delta"]) * 0.2 + 0.01          # positive step sizes without softplus
+    y, yr, _, _ = run_both(inp, softplus=False, final=False, use=("u", "delta", "A", "B", "C"))
+    assert rel(y, yr) < 1e-5
 
 
 @pytest.mark.parametrize("G,T,TC,bc_pre,n_poly,nw,fma_rcp", [
