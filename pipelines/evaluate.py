@@ -2,10 +2,10 @@
 
 Stages (labels are read in the last one only):
 1. data: ``skab_data`` / ``synthetic_data`` -> `EvalData`, a list of `EvalSeries` (training part, test part, test
-   labels and, for the synthetic plant, the anomaly kind of every test point).
+   labels and, for the synthetic plant, the anomaly kind of every test point and the sensors each anomaly involves).
 2. fit + score: ``fit_and_score`` trains / fits each method on the training parts only, fits its label-free
    threshold on training / held-back normal data, and scores the test parts -> `MethodRun` (scores, thresholds).
-   It never reads ``EvalSeries.labels`` or ``EvalSeries.kinds``.
+   It never reads ``EvalSeries.labels``, ``EvalSeries.kinds`` or ``EvalSeries.events``.
 3. metrics: ``summarise`` scores every run against the labels (pipelines.metrics: per series, then macro), and
    aggregates over seeds (mean, std) -> the metrics dict that ``write_outputs`` saves as metrics.json / metrics.md.
 
@@ -28,7 +28,8 @@ metrics.json layout (``summarise``): {"dataset", "meta", "prevalence", "methods"
 seeds for key in the dataset's metric keys, "std": {key: std over seeds}, "per_seed": {key: [...]},
 "series": {series: {key: mean over seeds, "threshold": ...}}, "pooled": {f1/far/mar: {"mean", "std"}},
 "seeds", "seconds", and for the neural methods "params" and "nll_test" / "nll_test_normal" ({"mean", "std",
-"per_seed"}: mean forecast NLL per observed value in normalised units), for the synthetic plant "per_kind"}}}.
+"per_seed"}: mean forecast NLL per observed value in normalised units), for the synthetic plant "per_kind" and,
+for the neural methods, "attribution" (``attribution_hits``: hit@3 / top-1 of the sensors alerts blame)}}}.
 """
 
 from __future__ import annotations
@@ -100,7 +101,9 @@ class EvalSeries:
     labels: (len(test),) int8, 1 = anomalous (used only to compute metrics);
     kinds: (len(test),) int16 index into EvalData.kind_names, -1 on normal points (synthetic only);
     context: trailing training rows a sequence model reads before the test part (warm-up, not scored);
-    max_buffer: VUS buffer for this series (TSB-AD's data-driven window of the test part's first channel).
+    max_buffer: VUS buffer for this series (TSB-AD's data-driven window of the test part's first channel);
+    events: the labelled anomalies as (first, last test row inclusive, kind, indices of the sensors involved)
+    (synthetic only: SKAB's labels name no sensors).
     """
 
     name: str
@@ -112,6 +115,7 @@ class EvalSeries:
     kinds: np.ndarray | None = None
     context: int = 0
     max_buffer: int = DEFAULT_MAX_BUFFER
+    events: tuple[tuple[int, int, str, tuple[int, ...]], ...] = ()
 
 
 @dataclass
@@ -211,9 +215,11 @@ def synthetic_data(days: float = 30.0, scale: float = 1.0, seed: int = 0, out_di
             kinds[a.start:a.end + 1] = ANOMALY_KINDS.index(a.kind)
         if (kinds[:first] >= 0).any():
             raise ValueError(f"{unit.equipment_id}: labelled anomalies inside the training period")
+        events = tuple((a.start - first, a.end - first, a.kind, tuple(names.index(n) for n in a.sensors if n in names))
+                       for a in unit.anomalies)
         series.append(EvalSeries(unit.equipment_id, unit.equipment_type, names, x[:first], x[first:],
                                  (kinds[first:] >= 0).astype(np.int8), kinds[first:], min(context, first),
-                                 _window(x[first:], max_buffer)))
+                                 _window(x[first:], max_buffer), events))
     protocol = (f"synthetic plant (seed {seed}, {days:g} days at 1 min, scale {scale:g}, {len(series)} units): "
                 f"train = anomaly-free first {clean_fraction:.0%}, test = the rest with injected anomalies")
     return EvalData("synthetic", series, {}, tuple(ANOMALY_KINDS), protocol,
@@ -332,7 +338,8 @@ def train_neural(series: dict[str, list[tuple[np.ndarray, np.ndarray]]], sensors
 @dataclass
 class MethodRun:
     """One method at one seed: per series (in EvalData order) test scores, threshold and, for the neural
-    models, per-step forecast NLL summed over observed sensors and the number of observed sensors."""
+    models, per-step forecast NLL summed over observed sensors, the number of observed sensors and the per-sensor
+    attribution (test steps x sensors, float32) that alerts rank their sensors by."""
 
     method: str
     seed: int
@@ -342,6 +349,7 @@ class MethodRun:
     nll_count: list[np.ndarray] | None = None
     seconds: float = 0.0
     train_metrics: dict[str, float] = field(default_factory=dict)
+    attributions: list[np.ndarray] | None = None
 
 
 def _finite(scores: np.ndarray) -> np.ndarray:
@@ -388,7 +396,7 @@ def _fit_neural(method: str, seed: int, data: EvalData, cfg: EvalConfig, model_c
     for t, extra in data.extra_normal.items():
         train.setdefault(t, []).extend((x, np.isfinite(x)) for x in extra)
     det, train_metrics = train_neural(train, data.sensors, model_cfg, cfg, seed)
-    run = MethodRun(method, seed, [], [], [], [], train_metrics=train_metrics)
+    run = MethodRun(method, seed, [], [], [], [], train_metrics=train_metrics, attributions=[])
     for s in data.series:
         ctx = s.train[len(s.train) - s.context:]
         res = det.score(np.vstack([ctx, s.test]), s.equipment_type)
@@ -397,6 +405,7 @@ def _fit_neural(method: str, seed: int, data: EvalData, cfg: EvalConfig, model_c
         observed = np.isfinite(s.test) & res.scored[len(ctx):, None]
         run.nll_sum.append(np.where(observed, res.attribution[len(ctx):], 0.0).sum(1))
         run.nll_count.append(observed.sum(1))
+        run.attributions.append(res.attribution[len(ctx):].astype(np.float32))
     return run
 
 
@@ -460,6 +469,26 @@ def _per_kind(data: EvalData, run: MethodRun) -> dict[str, dict[str, float]]:
     return out
 
 
+def attribution_hits(data: EvalData, run: MethodRun, top: int = 3) -> dict[str, float]:
+    """Which sensors the alerts would blame, against the sensors each labelled anomaly involves. Per event with at
+    least one flagged point: the attribution summed over its flagged points ranks the sensors (as an alert's top
+    sensors are ranked); ``hit_at_3``: share of those events with an involved sensor among the top ``top``;
+    ``top1``: share whose first sensor is involved. NaN when no event has a flagged point."""
+    hits, firsts = [], []
+    for s, score, thr, attr in zip(data.series, run.scores, run.thresholds, run.attributions or []):
+        flags = score > thr
+        for a, b, _kind, involved in s.events:
+            idx = np.flatnonzero(flags[a:b + 1]) + a
+            if not len(idx) or not involved:
+                continue
+            rank = np.argsort(-np.nansum(attr[idx], axis=0), kind="stable")
+            hits.append(bool(set(rank[:top].tolist()) & set(involved)))
+            firsts.append(int(rank[0]) in involved)
+    n = len(hits)
+    return {"events": float(n), "hit_at_3": float(np.mean(hits)) if n else math.nan,
+            "top1": float(np.mean(firsts)) if n else math.nan}
+
+
 def summarise(data: EvalData, runs: dict[str, list[MethodRun]], cfg: EvalConfig) -> dict:
     """Score every run against the labels -> the metrics dict (layout: module docstring)."""
     keys = data.metric_keys
@@ -472,6 +501,7 @@ def summarise(data: EvalData, runs: dict[str, list[MethodRun]], cfg: EvalConfig)
         pooled: dict[str, list[float]] = {"f1": [], "far": [], "mar": []}
         nll, nll_normal = [], []
         kinds: list[dict] = []
+        blame: list[dict[str, float]] = []
         for run in seed_runs:
             rows = [evaluate_series(s.labels, sc, thr, s.max_buffer)
                     for s, sc, thr in zip(data.series, run.scores, run.thresholds)]
@@ -492,6 +522,8 @@ def summarise(data: EvalData, runs: dict[str, list[MethodRun]], cfg: EvalConfig)
                 nll_normal.append(float(tot[~y].sum() / max(cnt[~y].sum(), 1)))
             if data.kind_names:
                 kinds.append(_per_kind(data, run))
+            if run.attributions is not None and any(s.events for s in data.series):
+                blame.append(attribution_hits(data, run))
         entry: dict = {k: _mean_std(per_seed[k])["mean"] for k in keys}
         entry["std"] = {k: _mean_std(per_seed[k])["std"] for k in keys}
         entry["per_seed"] = per_seed
@@ -508,6 +540,8 @@ def summarise(data: EvalData, runs: dict[str, list[MethodRun]], cfg: EvalConfig)
             entry["nll_test_normal"] = _mean_std(nll_normal)
             entry["train"] = {k: _mean_std([run.train_metrics.get(k, math.nan) for run in seed_runs])
                               for k in ("val_nll", "train_nll", "steps", "best_epoch", "train_seconds")}
+        if blame:
+            entry["attribution"] = {k: _mean_std([b[k] for b in blame]) for k in ("events", "hit_at_3", "top1")}
         if kinds:
             entry["per_kind"] = {
                 kind: {"events": kinds[0][kind]["events"],
@@ -591,6 +625,19 @@ def format_markdown(metrics: dict) -> str:
                          f"{_cell(e['nll_test']['mean'], e['nll_test']['std'])} | "
                          f"{_cell(e['nll_test_normal']['mean'], e['nll_test_normal']['std'])} | "
                          f"{e['seconds']:.0f} |")
+    blamed = [m for m in methods if "attribution" in methods[m]]
+    if blamed:
+        lines += ["", "## Which sensors the alerts blame", "",
+                  "Per labelled anomaly with at least one flagged point: the sensors ranked by the per-sensor "
+                  "attribution summed over its flagged points (as an alert ranks its top sensors), against the "
+                  "sensors the anomaly involves (the generator's labels). hit@3: an involved sensor among the top 3; "
+                  "top-1: the first one is involved.", "",
+                  "| method | events with a flag | hit@3 | top-1 |", "|---|---|---|---|"]
+        for m in blamed:
+            b = methods[m]["attribution"]
+            lines.append(f"| {_label(m, metrics)} | {b['events']['mean']:.1f} | "
+                         f"{_cell(b['hit_at_3']['mean'], b['hit_at_3']['std'], 2)} | "
+                         f"{_cell(b['top1']['mean'], b['top1']['std'], 2)} |")
     with_kinds = [m for m in methods if "per_kind" in methods[m]]
     if with_kinds:
         kinds = list(methods[with_kinds[0]]["per_kind"])

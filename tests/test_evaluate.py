@@ -17,6 +17,10 @@ from pipelines.evaluate import (
     METHODS,
     SKAB_KEYS,
     EvalConfig,
+    EvalData,
+    EvalSeries,
+    MethodRun,
+    attribution_hits,
     fit_and_score,
     match_dense,
     skab_data,
@@ -65,11 +69,15 @@ def test_cli_quick_synthetic_end_to_end(tmp_path, capsys):
     kinds = metrics["methods"]["pca"]["per_kind"]
     assert set(kinds) <= set(ANOMALY_KINDS) and len(kinds) >= 5
     assert all(0 <= d["event_recall"]["mean"] <= 1 for d in kinds.values())
+    # sensor blame: the neural models only (classical baselines give no per-sensor attribution)
+    assert set(metrics["methods"]["rom"]["attribution"]) == {"events", "hit_at_3", "top1"}
+    assert "attribution" not in metrics["methods"]["pca"]
     for m in METHODS:
         png = out / f"scores_{m}.png"
         assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
     md = (out / "metrics.md").read_text()
     assert "| RoM (E=8, K=1) |" in md and "| PCA T^2+Q |" in md and "Per anomaly kind" in md
+    assert "Which sensors the alerts blame" in md
     printed = capsys.readouterr().out
     assert "logged to MLflow" in printed and db.exists()
 
@@ -82,7 +90,7 @@ def test_thresholds_and_scores_never_see_test_labels():
     shuffled = replace(data, series=[])
     for s in data.series:
         order = rng.permutation(len(s.labels))
-        shuffled.series.append(replace(s, labels=s.labels[order], kinds=s.kinds[order]))
+        shuffled.series.append(replace(s, labels=s.labels[order], kinds=s.kinds[order], events=()))
     after = fit_and_score(shuffled, cfg)
     for m in cfg.methods:
         assert before[m][0].thresholds == after[m][0].thresholds, m
@@ -91,6 +99,28 @@ def test_thresholds_and_scores_never_see_test_labels():
     # the labels did change what is measured: the check above is not vacuous
     assert summarise(data, before, cfg)["methods"]["pca"]["vus_pr"] != \
         summarise(shuffled, after, cfg)["methods"]["pca"]["vus_pr"]
+
+
+def test_attribution_hits_ranks_sensors_over_each_events_flagged_points():
+    # 5 sensors; events: rows 2-4 involve sensor 1, rows 6-8 involve sensors 0 and 2, row 9 involves sensor 2
+    labels = np.zeros(10, dtype=np.int8)
+    labels[2:10] = 1
+    s = EvalSeries("u", "pump", [f"s{i}" for i in range(5)], np.zeros((5, 5)), np.zeros((10, 5)), labels,
+                   events=((2, 4, "spike", (1,)), (6, 8, "drift", (0, 2)), (9, 9, "stuck", (2,))))
+    data = EvalData("synthetic", [s], kind_names=("spike", "drift", "stuck"))
+    score = np.zeros(10)
+    score[[3, 4, 7]] = 5.0  # flagged: two points of the first event, one of the second, none of the third
+    attr = np.zeros((10, 5), dtype=np.float32)
+    attr[:, 2] = 100.0       # large on unflagged rows only: must not count
+    attr[[3, 4, 7], 2] = 0.0
+    attr[3] = [0, 3, 0, 1, 2]  # first event: sensor 1 leads over both flagged rows
+    attr[4] = [0, 2, 0, 1, 0]
+    attr[7] = [1, 9, 0, 8, 7]  # second event: ranks 1, 3, 4 -> neither 0 nor 2 in the top 3
+    run = MethodRun("rom", 0, [score], [1.0], attributions=[attr])
+    assert attribution_hits(data, run) == {"events": 2.0, "hit_at_3": 0.5, "top1": 0.5}
+    none = MethodRun("rom", 0, [np.zeros(10)], [1.0], attributions=[attr])
+    out = attribution_hits(data, none)
+    assert out["events"] == 0.0 and np.isnan(out["hit_at_3"]) and np.isnan(out["top1"])
 
 
 def write_skab(root: Path, n_files: int = 2, rows: int = 700) -> None:
