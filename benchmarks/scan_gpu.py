@@ -763,7 +763,10 @@ def all_shapes() -> list[tuple[int, int, int, torch.dtype]]:
     return shapes
 
 
-def _shape_key(c: dict) -> tuple:
+def _shape_key(c: dict | tuple) -> tuple:
+    """(batch, d_inner, L, dtype name) of a results row or of an all_shapes() tuple."""
+    if isinstance(c, tuple):
+        return (*c[:3], str(c[3]).replace("torch.", ""))
     return (c["batch"], c["d_inner"], c["L"], c["dtype"])
 
 
@@ -773,7 +776,7 @@ def merge_results(first: dict, second: dict) -> dict:
     out = {**{k: v for k, v in second.items() if k not in first}, **first}  # e.g. the reference timings
     have = {_shape_key(c) for c in first["configs"]}
     added = [c for c in second["configs"] if _shape_key(c) not in have]
-    order = {(b, d, L, str(t).replace("torch.", "")): i for i, (b, d, L, t) in enumerate(all_shapes())}
+    order = {_shape_key(sh): i for i, sh in enumerate(all_shapes())}
     out["configs"] = sorted(first["configs"] + added, key=lambda c: order.get(_shape_key(c), len(order)))
     f2 = second["floors"]
     shapes = ", ".join(f"{c['batch']} x {c['d_inner']} x {c['L']} {c['dtype']}" for c in added)
@@ -865,7 +868,7 @@ def main() -> None:
                   (8, 1536, 8192, torch.float32)]
     if done is not None:
         have = {_shape_key(c) for c in done["configs"]}
-        shapes = [sh for sh in shapes if (sh[0], sh[1], sh[2], str(sh[3]).replace("torch.", "")) not in have]
+        shapes = [sh for sh in shapes if _shape_key(sh) not in have]
         print("shapes left from the earlier call:", shapes, flush=True)
     for (b, d, L, dtype) in shapes:
         if time.perf_counter() - t_start > args.budget_s:

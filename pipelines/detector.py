@@ -248,7 +248,8 @@ class RoMDetector:
         ``self.sensors[equipment_type]``. Memory is bounded by ``chunk_len``, not L. Pass the returned
         ``state`` to the next call to continue exactly (streaming).
         """
-        n = len(self.sensors[equipment_type]) if equipment_type in self.sensors else 0
+        chunks = self._chunks(values, equipment_type, mask, state, chunk_len)  # validates before anything is allocated
+        n = len(self.sensors[equipment_type])
         L = np.shape(values)[0]
         nov_model = self.novelty_.get(equipment_type)
         surprise = np.full(L, np.nan)
@@ -256,7 +257,7 @@ class RoMDetector:
         attr = np.zeros((L, n))
         scored = np.zeros(L, dtype=bool)
         experts: list[np.ndarray] = []
-        for s, out, after in self._chunks(values, equipment_type, mask, state, chunk_len):
+        for s, out, after in chunks:
             state = after
             sc = out.scored[0].any(-1).cpu().numpy()
             nll = out.nll[0].double().cpu().numpy()
@@ -288,8 +289,8 @@ class RoMDetector:
     def _chunks(self, values: np.ndarray, equipment_type: str, mask: np.ndarray | None,
                 state: ForecasterState | None, chunk_len: int
                 ) -> Iterator[tuple[int, ForecastOutput, ForecasterState]]:
-        """Validate and normalise one equipment's readings, then run the model chunk by chunk with carried state:
-        yields (first step of the chunk, its outputs, the state after it)."""
+        """Validate and normalise one equipment's readings (here, at call time), then return an iterator that runs
+        the model chunk by chunk with carried state: (first step of the chunk, its outputs, the state after it)."""
         if equipment_type not in self.scalers_:
             raise ValueError(f"equipment_type: unknown type {equipment_type!r}; the model knows "
                              f"{', '.join(sorted(self.scalers_))}")
@@ -303,10 +304,14 @@ class RoMDetector:
             raise ValueError(f"chunk_len: expected >= 1, got {chunk_len}")
         self.model.eval()
         dtype = next(self.model.parameters()).dtype
-        for s in range(0, x.shape[0], chunk_len):
-            xt = torch.as_tensor(x[s:s + chunk_len], dtype=dtype, device=self.device)[None]
-            out, state = self.model(torch.nan_to_num(xt), torch.isfinite(xt), equipment_type, state)
-            yield s, out, state
+
+        def run(state: ForecasterState | None) -> Iterator[tuple[int, ForecastOutput, ForecasterState]]:
+            for s in range(0, x.shape[0], chunk_len):
+                xt = torch.as_tensor(x[s:s + chunk_len], dtype=dtype, device=self.device)[None]
+                out, state = self.model(torch.nan_to_num(xt), torch.isfinite(xt), equipment_type, state)
+                yield s, out, state
+
+        return run(state)
 
     def score_frame(self, frame: pl.DataFrame, equipment_type: str | None = None, *, chunk_len: int = 4096
                     ) -> pl.DataFrame:
