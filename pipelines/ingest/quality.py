@@ -13,7 +13,7 @@ import polars as pl
 
 from pipelines.config import SensorConfig, SourceConfig
 
-# Value reason codes. 0 = a usable value; 1 = empty in the input (missing, not nulled by us).
+# Value reason codes. 0 = a usable value; 1 = empty in the input (missing or only blanks, not nulled by us).
 VALUE_REASONS: dict[int, str] = {
     0: "ok", 1: "empty", 2: "state_word", 3: "not_numeric", 4: "not_finite", 5: "sentinel",
     6: "quality_bad", 7: "quality_uncertain", 8: "quality_unknown", 9: "out_of_range",
@@ -168,9 +168,10 @@ def value_stages(raw: str, out: str, src: SourceConfig, dtype: pl.DataType, sens
         words = "|".join(re.escape(w) for w in src.state_words)
         s3 += [pl.coalesce(pl.col(f"{t}_f"), odd.cast(pl.Float64, strict=False)).alias(f"{t}_n"),
                (odd.str.contains(f"(?i)^(?:{words})$") if words else pl.lit(False)).alias(f"{t}_w")]
+    elif dtype == pl.Float64:
+        s3.append(col.alias(f"{t}_n"))
     elif dtype.is_numeric() or dtype == pl.Boolean:
-        s1.append(col.cast(pl.Float64).alias(f"{t}_f"))
-        s3 += [pl.col(f"{t}_f").alias(f"{t}_n"), pl.lit(False).alias(f"{t}_w")]
+        s3.append(col.cast(pl.Float64).alias(f"{t}_n"))
     else:
         raise TypeError(f"values of type {dtype} are not numbers or text")
     if quality is not None:
@@ -183,17 +184,17 @@ def value_stages(raw: str, out: str, src: SourceConfig, dtype: pl.DataType, sens
     def lit(name: str) -> pl.Expr:
         return pl.lit(CODE[name], pl.UInt8)
 
-    code = pl.when(col.is_null()).then(lit("empty"))
+    # a field of spaces is as empty as a missing one (the CSV reader's number parser reads it so, too)
+    empty = col.is_null() | (pl.col(f"{t}_o") == "") if dtype == pl.String else col.is_null()
+    code = pl.when(empty).then(lit("empty"))
     if quality is not None:
         code = code.when(qc == Q_BAD).then(lit("quality_bad"))
         if not src.keep_uncertain:
             code = code.when(qc == Q_UNCERTAIN).then(lit("quality_uncertain"))
         code = code.when(qc == Q_UNKNOWN).then(lit("quality_unknown"))
-    code = (
-        code.when(num.is_null() & word).then(lit("state_word"))
-        .when(num.is_null()).then(lit("not_numeric"))
-        .when(~num.is_finite()).then(lit("not_finite"))
-    )
+    if dtype == pl.String:  # a number column is null exactly where the input is empty
+        code = code.when(num.is_null() & word).then(lit("state_word")).when(num.is_null()).then(lit("not_numeric"))
+    code = code.when(~num.is_finite()).then(lit("not_finite"))
     if src.sentinels:
         code = code.when(num.is_in(list(src.sentinels))).then(lit("sentinel"))
     out_of_range = _out_of_range(num, sensor) if sensor is not None else None

@@ -155,15 +155,20 @@ def scan_bad_lines(path: Path, src: SourceConfig, n_columns: int, skip_lines: in
 _CLEAN_CHUNK = 1 << 20  # small enough to stay in cache (a 16 MB chunk costs twice as much) and to hold the GIL briefly
 
 
-def _clean_data_lines(path: Path, delimiter: str, n_columns: int, skip_lines: int) -> int | None:
+def _clean_data_lines(path: Path, delimiter: str, n_columns: int, skip_lines: int, exact: bool = True) -> int | None:
     """The common case of scan_bad_lines, in a fraction of its time: the number of data lines (after the header and
     ``skip_lines``) when every one is valid UTF-8 without U+FFFD or quotes and has exactly ``n_columns - 1``
     delimiters. Checked per chunk with bytes methods; any doubt (quotes, bad bytes, a blank or ragged line)
-    returns None and the exact polars pass decides."""
+    returns None and the exact polars pass decides.
+
+    ``exact=False`` checks only each chunk's total of delimiters ((n_columns - 1) per line), at a third of the
+    cost: a short line then passes when a long one makes up for it, so the count proves every line exact only
+    together with a read that fails on any line with too many fields (the optimistic pass of stage_file)."""
     if len(delimiter) != 1 or not delimiter.isascii() or delimiter in '"\n\r' or n_columns < 2:
         return None
     lines = 0
     sep = ord(delimiter)
+    sep_byte = delimiter.encode()
     drop = bytes(b for b in range(256) if b not in (sep, 10))
     pattern = delimiter.encode() * (n_columns - 1) + b"\n"
     skip = max(skip_lines, 1)  # the header is checked apart
@@ -205,11 +210,17 @@ def _clean_data_lines(path: Path, delimiter: str, n_columns: int, skip_lines: in
                         data.decode("utf-8")
                     except UnicodeDecodeError:
                         return None
-                # the delimiters and newlines, in order, must be (n_columns - 1) delimiters then a newline, repeated
-                marks = data.translate(None, drop)
-                if len(marks) % n_columns or marks != pattern * (len(marks) // n_columns):
-                    return None
-                lines += len(marks) // n_columns
+                if exact:
+                    # the delimiters and newlines, in order: (n_columns - 1) delimiters then a newline, repeated
+                    marks = data.translate(None, drop)
+                    if len(marks) % n_columns or marks != pattern * (len(marks) // n_columns):
+                        return None
+                    lines += len(marks) // n_columns
+                else:
+                    n = data.count(b"\n")
+                    if data.count(sep_byte) != (n_columns - 1) * n:
+                        return None
+                    lines += n
             if not block:
                 return lines
 
@@ -228,12 +239,15 @@ def count_lines(path: Path) -> int:
 # --- frames --------------------------------------------------------------------------------------------
 
 
-def _csv_scan(path: Path, src: SourceConfig, names: list[str], skip_rows: int, lossy: bool) -> pl.LazyFrame:
-    """The lazy CSV scan (every column text); ``lossy``: bytes that are not UTF-8 become U+FFFD (decoding that
-    way costs ~10% of the read, so only where a line needs it or lines are skipped unchecked)."""
+def _csv_scan(path: Path, src: SourceConfig, names: list[str], skip_rows: int, lossy: bool,
+              floats: tuple[str, ...] = (), ragged_ok: bool = True) -> pl.LazyFrame:
+    """The lazy CSV scan (every column text, but ``floats`` parsed as Float64 by the reader: a field that is
+    neither empty nor a number then fails the whole scan); ``lossy``: bytes that are not UTF-8 become U+FFFD
+    (decoding that way costs ~10% of the read, so only where a line needs it or lines are skipped unchecked);
+    ``ragged_ok=False``: a line with too many fields fails the scan (short lines are padded with nulls)."""
     return pl.scan_csv(
-        path, infer_schema=False, separator=src.delimiter, encoding="utf8-lossy" if lossy else "utf8",
-        truncate_ragged_lines=True,
+        path, infer_schema=False, schema_overrides=dict.fromkeys(floats, pl.Float64), separator=src.delimiter,
+        encoding="utf8-lossy" if lossy else "utf8", truncate_ragged_lines=ragged_ok,
         skip_rows_after_header=skip_rows, row_index_name="_row", row_index_offset=skip_rows,
         with_column_names=lambda cols: [c.lstrip("\ufeff").strip() for c in cols], raise_if_empty=False,
     ).with_columns((pl.col("_row").cast(pl.Int64) + 2).alias("_line"))
@@ -395,27 +409,50 @@ def stage_file(path: Path, index: int, src: SourceConfig, etype: EquipmentType, 
         return _stage(StagedFile(index, path, out_dir), lf, schema, names, src, etype, None, None, skip_rows)
     names = read_csv_header(path, src)
     schema = {n: pl.String for n in names}
+    floats = _float_columns(names, src, etype)
     skip_lines = 1 + skip_rows if skip_rows else 0
     with ThreadPoolExecutor(1) as pool:
-        check = pool.submit(_clean_data_lines, path, src.delimiter, len(names), skip_lines)
+        check = pool.submit(_clean_data_lines, path, src.delimiter, len(names), skip_lines, exact=False)
         try:
-            lf = _csv_scan(path, src, names, skip_rows, lossy=skip_rows > 0)
-            info = _stage(StagedFile(index, path, out_dir), lf, schema, names, src, etype, NO_BAD_LINES, None,
-                          skip_rows)
-        except ValueError:
+            lf = _csv_scan(path, src, names, skip_rows, lossy=skip_rows > 0, floats=floats, ragged_ok=False)
+            info = _stage(StagedFile(index, path, out_dir), lf, {**schema, **dict.fromkeys(floats, pl.Float64)},
+                          names, src, etype, NO_BAD_LINES, None, skip_rows, optimistic=True)
+        except (ValueError, _OptimisticPassFailed):
             info = None
-        clean = check.result()
-    if info is not None and clean is not None and info.lines_read - skip_rows == clean:
+        counted = check.result()
+    # the pass read no line with too many fields (it would have failed) and the delimiters add up: none has too few
+    if info is not None and counted is not None and info.lines_read - skip_rows == counted:
         return info
     shutil.rmtree(out_dir, ignore_errors=True)
+    clean = None if counted is None else _clean_data_lines(path, src.delimiter, len(names), skip_lines)
     bad, n_lines = scan_bad_lines(path, src, len(names), skip_lines) if clean is None else (NO_BAD_LINES, clean)
     lf = _csv_scan(path, src, names, skip_rows, lossy=skip_rows > 0 or (bad["kind"] == "invalid_utf8").any())
     return _stage(StagedFile(index, path, out_dir), lf, schema, names, src, etype, bad, n_lines, skip_rows)
 
 
+class _OptimisticPassFailed(Exception):
+    """The optimistic pass over a CSV file met something it does not handle (a text value in a column read as
+    numbers, a quote, a ragged line): the file is staged again on the exact path."""
+
+
+def _float_columns(names: list[str], src: SourceConfig, etype: EquipmentType) -> tuple[str, ...]:
+    """The value columns that the optimistic pass lets the CSV reader parse as Float64 (wide: the sensors
+    present; long: the value column). The reader's numbers are the text path's for every field it accepts
+    (empty fields are null in both; tests/test_ingest_fastpath.py compares the two) and it fails on any other
+    field, so a file with state words or other text in them goes the exact, slower way: parsing every value
+    as text first costs ~20% of stage A."""
+    if src.decimal_comma:
+        return ()
+    if src.layout == "long":
+        return (src.value_column,)
+    return tuple(s.name for s in etype.sensors if s.name in names)
+
+
 def _stage(info: StagedFile, lf: pl.LazyFrame, schema: dict[str, pl.DataType], names: list[str], src: SourceConfig,
-           etype: EquipmentType, bad: pl.DataFrame | None, n_lines: int | None, skip_rows: int) -> StagedFile:
-    """Stage A proper: checks of the columns, the cleaning expressions, the partitioned sink and the summary."""
+           etype: EquipmentType, bad: pl.DataFrame | None, n_lines: int | None, skip_rows: int,
+           optimistic: bool = False) -> StagedFile:
+    """Stage A proper: checks of the columns, the cleaning expressions, the partitioned sink and the summary.
+    ``optimistic``: a read error raises _OptimisticPassFailed at once (the caller stages the file again)."""
     path = info.path
     present, info.missing_sensors, info.unknown_columns = _check_columns(path, src, etype, names, schema)
     for col in (src.value_column,) if src.layout == "long" else present:
@@ -434,6 +471,8 @@ def _stage(info: StagedFile, lf: pl.LazyFrame, schema: dict[str, pl.DataType], n
             # the counts for the report and the file-level checks come from the same pass over the file
             _, *summary = pl.collect_all([sink, *_summary_queries(staged, src, present)])
     except pl.exceptions.PolarsError as exc:
+        if optimistic:
+            raise _OptimisticPassFailed(_first_line(exc)) from None
         if src.format == "csv":
             line = _first_unbalanced_quote(path)
             if line is not None:

@@ -1,0 +1,148 @@
+"""The optimistic CSV pass of stage A: value columns parsed as numbers by the CSV reader, line shapes proved by
+delimiter counts. It must give exactly what the exact (text) path gives, and fall back to it for anything else."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_ingest import LONG, WIDE, ingest, plant, quarantine, store, write_raw
+from test_ingest_malformed import _clean_lines_reference
+
+import pipelines.ingest.readers as readers
+
+
+def _passes(monkeypatch) -> list[bool]:
+    """Records, per stage A pass, whether it was the optimistic one."""
+    calls: list[bool] = []
+    real = readers._stage
+
+    def spy(*args, optimistic=False, **kw):
+        calls.append(optimistic)
+        return real(*args, optimistic=optimistic, **kw)
+
+    monkeypatch.setattr(readers, "_stage", spy)
+    return calls
+
+
+def _outcome(result, cfg) -> tuple:
+    rep = result.report
+    q = quarantine(result)
+    rows = store(cfg).drop("equipment_type", "month") if rep.partitions_written else None
+    return (rep.rows_in, rep.kept, rep.deduplicated, rep.nulled_by_reason, rep.empty_values,
+            sorted(zip(q["line"].to_list(), q["reason"].to_list())), rows)
+
+
+def test_clean_file_takes_one_optimistic_pass(tmp_path, monkeypatch):
+    calls = _passes(monkeypatch)
+    cfg = plant(tmp_path)
+    write_raw(tmp_path, "a.csv", "timestamp,equipment_id,flow,pressure\n"
+              "2024-01-15 10:00:00,P1,1.5,2\n2024-01-15 10:01:00,P1,,2.5\n2024-01-15 10:02:00,P1,1e1,-9999\n")
+    r = ingest(cfg)
+    assert calls == [True]
+    assert (r.report.kept, r.report.nulled_by_reason) == (3, {"sentinel": 1})
+    assert r.report.empty_values == 1
+
+
+@pytest.mark.parametrize("layout", ["wide", "long"])
+def test_text_value_falls_back_to_the_exact_path(tmp_path, monkeypatch, layout):
+    calls = _passes(monkeypatch)
+    if layout == "wide":
+        cfg = plant(tmp_path)
+        text = ("timestamp,equipment_id,flow,pressure\n2024-01-15 10:00:00,P1,1.5,2\n"
+                "2024-01-15 10:01:00,P1,Shutdown,2.5\n2024-01-15 10:02:00,P1,x1,3\n")
+    else:
+        cfg = plant(tmp_path, [LONG])
+        text = ("tag,timestamp,value,quality\nP1.flow,2024-01-15 10:00:00,1.5,Good\n"
+                "P1.flow,2024-01-15 10:01:00,Shutdown,Good\nP1.pressure,2024-01-15 10:01:00,x1,Good\n")
+    write_raw(tmp_path, "a.csv", text)
+    r = ingest(cfg)
+    assert calls == [True, False]
+    assert r.report.nulled_by_reason == {"state_word": 1, "not_numeric": 1}
+
+
+def test_short_and_long_line_that_balance_the_delimiter_count(tmp_path, monkeypatch):
+    """One line a field short and one a field long: the delimiter total is right, the optimistic read fails on
+    the long line, and the exact path quarantines both."""
+    calls = _passes(monkeypatch)
+    cfg = plant(tmp_path)
+    write_raw(tmp_path, "a.csv", "timestamp,equipment_id,flow,pressure\n2024-01-15 10:00:00,P1,1.5,2\n"
+              "2024-01-15 10:01:00,P1,2\n2024-01-15 10:02:00,P1,1,2,3\n2024-01-15 10:03:00,P1,1.5,2\n")
+    r = ingest(cfg)
+    assert calls == [True, False]
+    assert (r.report.rows_in, r.report.kept) == (4, 2)
+    assert sorted(zip(quarantine(r)["line"], quarantine(r)["reason"])) == [(3, "ragged_line"), (4, "ragged_line")]
+
+
+_cell = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.integers(-10**6, 10**6).map(str),
+    st.sampled_from(["", " 1.5", "1.5 ", "+1", ".5", "5.", "1e3", "1E-3", "1e", "inf", "-Infinity", "NaN", "nan",
+                     "-9999", "1e400", "00012", "1.2.3", "--1", "0x10", "1_000", "Shutdown", "bad", "x1", " "]),
+    st.text(alphabet="0123456789.eE+-naif ", max_size=6),
+)
+
+
+@given(st.lists(st.tuples(_cell, _cell), min_size=1, max_size=12))
+@settings(max_examples=int(os.environ.get("RMAMBA_FASTPATH_EXAMPLES", "40")), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_optimistic_and_exact_paths_agree(tmp_path_factory, values):
+    """Whatever the value fields hold, the ingest gives the same report, quarantine and store with the
+    optimistic pass as with the exact text path alone."""
+    outcomes = []
+    for optimistic in (True, False):
+        root = tmp_path_factory.mktemp("fast")
+        cfg = plant(root, max_ffill=0)
+        lines = ["timestamp,equipment_id,flow,pressure"]
+        lines += [f"2024-01-15 10:{i:02d}:00,P1,{a},{b}" for i, (a, b) in enumerate(values)]
+        write_raw(root, "a.csv", "\n".join(lines) + "\n")
+        saved = readers._float_columns
+        if not optimistic:
+            readers._float_columns = lambda *a: ()
+        try:
+            outcomes.append(_outcome(ingest(cfg), cfg))
+        except ValueError as exc:  # e.g. every value of a column is text: the same error either way
+            outcomes.append((str(exc).replace(str(root), "<root>"),) * 7)
+        finally:
+            readers._float_columns = saved
+    fast, exact = outcomes
+    assert fast[:6] == exact[:6]
+    assert fast[6] is exact[6] or isinstance(fast[6], str) or fast[6].equals(exact[6])
+
+
+_raw_line = st.one_of(
+    st.just(b"2024-01-15 10:00:00,P1,1.5"), st.just(b"a,b,c"), st.just(b"a,b"), st.just(b"a,b,c,d"), st.just(b""),
+    st.just(b'"a,b",c'), st.just(b"\xc3\xa9,b,c"), st.just(b"\xff,b,c"), st.just(b"a,b,c\r"), st.binary(max_size=6))
+
+
+@given(st.lists(_raw_line, max_size=12), st.booleans(), st.integers(0, 14), st.integers(1, 9))
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_delimiter_count_check_property(tmp_path_factory, lines, final_newline, skip, chunk):
+    """The counting check (exact=False) never rejects a clean file, and when it accepts a file that is not clean,
+    some line has too many fields (which the optimistic read fails on)."""
+    data = b"h1,h2,h3\n" + b"\n".join(lines) + (b"\n" if final_newline and lines else b"")
+    path = tmp_path_factory.mktemp("count") / "a.csv"
+    path.write_bytes(data)
+    saved = readers._CLEAN_CHUNK
+    readers._CLEAN_CHUNK = chunk
+    try:
+        got = readers._clean_data_lines(path, ",", 3, skip, exact=False)
+    finally:
+        readers._CLEAN_CHUNK = saved
+    ref = _clean_lines_reference(data, 3, skip)
+    if ref is not None:
+        assert got == ref
+    elif got is not None:
+        body = data.split(b"\n")[max(skip, 1):]
+        assert any(line.count(b",") > 2 for line in body)
+
+
+def test_wide_float_columns_are_the_sensors_present(tmp_path):
+    cfg = plant(tmp_path)
+    src, etype = cfg.sources[0], cfg.equipment_types["pump"]
+    assert readers._float_columns(["timestamp", "equipment_id", "flow", "pressure", "x"], src, etype) == (
+        "flow", "pressure")
+    cfg2 = plant(tmp_path / "b", [{**WIDE, "decimal_comma": True}])
+    assert readers._float_columns(["timestamp", "flow"], cfg2.sources[0], etype) == ()
