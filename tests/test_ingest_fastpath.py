@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import polars as pl
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -146,3 +147,29 @@ def test_wide_float_columns_are_the_sensors_present(tmp_path):
         "flow", "pressure")
     cfg2 = plant(tmp_path / "b", [{**WIDE, "decimal_comma": True}])
     assert readers._float_columns(["timestamp", "flow"], cfg2.sources[0], etype) == ()
+
+
+_ZONES = ["Europe/Berlin", "America/New_York", "Australia/Lord_Howe", "America/Sao_Paulo", "Asia/Kolkata", "UTC"]
+# days with a clock change in one of the zones (Lord Howe moves by 30 minutes; Sao Paulo changed at midnight)
+_CHANGE_DAYS = ["2024-03-31", "2024-10-27", "2024-03-10", "2024-11-03", "2024-04-07", "2024-10-06", "2018-11-04",
+                "2019-02-17", "1996-10-27"]
+
+
+@given(st.sampled_from(_ZONES), st.sampled_from(_CHANGE_DAYS),
+       st.lists(st.one_of(st.none(), st.integers(-2 * 3_600_000_000, 4 * 3_600_000_000)), max_size=60),
+       st.lists(st.integers(-(10**15), 4 * 10**15), max_size=5))
+@settings(max_examples=200, deadline=None)
+def test_local_to_utc_matches_polars(tz, day, near, far):
+    """The batch conversion (offset per hour, looked up by position or, for a batch spread over many years, by
+    hash) equals polars' row-by-row conversion; most local times fall between 22:00 and 04:00 around a clock
+    change (they happen at 00:00 to 03:00 local in these zones)."""
+    from datetime import datetime
+
+    from pipelines.ingest.quality import _polars_local_to_utc, local_to_utc
+
+    start = int((datetime.fromisoformat(day) - datetime(1970, 1, 1)).total_seconds() * 1e6)  # local midnight
+    values = [None if v is None else start + v for v in near] + far
+    local = pl.Series("t", values, dtype=pl.Int64).cast(pl.Datetime("us"))
+    got = local_to_utc(tz)(local).struct.unnest()
+    want = _polars_local_to_utc(local, tz)
+    assert got.equals(want.select(got.columns))
