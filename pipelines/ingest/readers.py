@@ -325,10 +325,13 @@ def period_number(ts: pl.Expr) -> pl.Expr:
 def _equipment_expr(src: SourceConfig) -> pl.Expr | None:
     if src.equipment_id is not None:
         return pl.lit(src.equipment_id, pl.String)
-    if src.equipment_id_column is not None:
-        e = pl.col(src.equipment_id_column).cast(pl.String).str.strip_chars()
-        return pl.when(e == "").then(None).otherwise(e)
+    if src.equipment_id_column is not None:  # an empty id is rejected by the row reason (_missing_equipment)
+        return pl.col(src.equipment_id_column).cast(pl.String).str.strip_chars()
     return None
+
+
+def _missing_equipment() -> pl.Expr:
+    return pl.col("_eq").is_null() | (pl.col("_eq") == "")
 
 
 def build_staged(lf: pl.LazyFrame, schema: dict[str, pl.DataType], names: list[str], src: SourceConfig,
@@ -348,7 +351,7 @@ def build_staged(lf: pl.LazyFrame, schema: dict[str, pl.DataType], names: list[s
     if src.layout == "wide":
         present = [s.name for s in etype.sensors if s.name in names]
         pre.append(equipment.alias("_eq"))
-        reason = reason.when(pl.col("_eq").is_null()).then(pl.lit("missing_equipment_id", RowReason))
+        reason = reason.when(_missing_equipment()).then(pl.lit("missing_equipment_id", RowReason))
         for s in etype.sensors:
             if s.name not in present:
                 final += [pl.lit(None, pl.Float64).alias(s.name), pl.lit(CODE["ok"], pl.UInt8).alias(f"{s.name}__why")]
@@ -375,7 +378,7 @@ def build_staged(lf: pl.LazyFrame, schema: dict[str, pl.DataType], names: list[s
             reason.when(tag.is_null()).then(pl.lit("bad_tag", RowReason))
             .when(pl.col("_sn").is_null() & has_prefix).then(pl.lit("unknown_sensor", RowReason))
             .when(pl.col("_sn").is_null()).then(pl.lit("bad_tag", RowReason))
-            .when(pl.col("_eq").is_null()).then(pl.lit("missing_equipment_id", RowReason))
+            .when(_missing_equipment()).then(pl.lit("missing_equipment_id", RowReason))
         )
         parts.append([[], *value_stages(src.value_column, "_val", src, schema[src.value_column],
                                         quality=src.quality_column, row_sensor=("_sn", etype.sensors))])
