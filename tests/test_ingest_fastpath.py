@@ -1,5 +1,7 @@
-"""The optimistic CSV pass of stage A: value columns parsed as numbers by the CSV reader, line shapes proved by
-delimiter counts. It must give exactly what the exact (text) path gives, and fall back to it for anything else."""
+"""The ingest's shortcuts. Stage A's optimistic CSV pass (value columns parsed as numbers by the CSV reader, line
+shapes proved by delimiter counts) must give exactly what the exact (text) path gives, and fall back to it for
+anything else; the batch time zone conversion must equal polars' row by row; stage B skips sorting rows that
+are already in order, and must recognise exactly those."""
 
 from __future__ import annotations
 
@@ -173,3 +175,21 @@ def test_local_to_utc_matches_polars(tz, day, near, far):
     got = local_to_utc(tz)(local).struct.unnest()
     want = _polars_local_to_utc(local, tz)
     assert got.equals(want.select(got.columns))
+
+
+@given(st.lists(st.tuples(st.one_of(st.none(), st.integers(0, 3)), st.integers(0, 1), st.integers(0, 3)),
+                max_size=12), st.booleans())
+@settings(max_examples=300, deadline=None)
+def test_in_order_recognises_sorted_rows(rows, long):
+    """align._in_order is true exactly when sorting by (time[, sensor], _file, _line) would change nothing."""
+    from pipelines.ingest.align import _in_order
+
+    df = pl.DataFrame({"timestamp": [None if t is None else t * 60_000_000 for t, _, _ in rows],
+                       "sensor": [["b", "a"][f] for _, f, _ in rows],
+                       "_file": [f for _, f, _ in rows], "_line": [ln for _, _, ln in rows]},
+                      schema={"timestamp": pl.Int64, "sensor": pl.String, "_file": pl.Int32, "_line": pl.Int64})
+    df = df.with_columns(pl.col("timestamp").cast(pl.Datetime("us", "UTC")), pl.col("sensor").cast(pl.Enum(["b", "a"])))
+    key = ["timestamp", "sensor"] if long else ["timestamp"]
+    cols = [*key, "_file", "_line"]
+    expected = df.select(cols).equals(df.select(cols).sort(cols)) and df["timestamp"].null_count() == 0
+    assert _in_order(df, key) == (expected or df.height < 2)
