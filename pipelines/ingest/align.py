@@ -161,7 +161,7 @@ def _duplicates(df: pl.DataFrame, key: list[str], values: list[str]
     rest = cand.filter(~pl.col("_exact"))
     conflicts = rest.filter(pl.struct(key).is_duplicated())
     drop = pl.concat([exact["_ri"], conflicts["_ri"]])
-    kept = df.filter(~pl.col("_ri").is_in(drop.implode())).drop("_ri")
+    kept = df.filter(pl.repeat(True, df.height, eager=True).scatter(drop, False)).drop("_ri")
     return kept, exact.drop("_ri", "_exact"), conflicts.drop("_ri", "_exact")
 
 
