@@ -473,7 +473,9 @@ def _stage(info: StagedFile, lf: pl.LazyFrame, schema: dict[str, pl.DataType], n
             sink = staged.sink_ipc(pl.PartitionBy(info.dir, key=["_part", "_period"], include_key=False),
                                    mkdir=True, compression="uncompressed", maintain_order=False, lazy=True)
             # the counts for the report and the file-level checks come from the same pass over the file
-            _, *summary = pl.collect_all([sink, *_summary_queries(staged, src, present)])
+            # (columns the reader parsed as numbers hold no text: nothing to count there)
+            texts = [c for c in present if schema[c] == pl.String]
+            _, *summary = pl.collect_all([sink, *_summary_queries(staged, src, texts)])
     except pl.exceptions.PolarsError as exc:
         if optimistic:
             raise _OptimisticPassFailed(_first_line(exc)) from None
@@ -483,17 +485,20 @@ def _stage(info: StagedFile, lf: pl.LazyFrame, schema: dict[str, pl.DataType], n
                 raise ValueError(f"{path}, line {line}: unbalanced quote character; expected every quoted field "
                                  f"to close on its line") from None
         raise ValueError(f"{path}: could not be read as {src.format} ({_first_line(exc)})") from None
-    _summarise(info, src, present, bad, n_lines, skip_rows, *summary)
+    _summarise(info, src, texts, bad, n_lines, skip_rows, *summary)
     return info
 
 
-def _summary_queries(staged: pl.LazyFrame, src: SourceConfig, present: list[str]) -> list[pl.LazyFrame]:
-    """What _summarise needs from the staged rows: rows and first line per row reason; per sensor, the values
-    that are text and the values that are not empty (usable rows); long layout: the unknown tags."""
+def _summary_queries(staged: pl.LazyFrame, src: SourceConfig, texts: list[str]) -> list[pl.LazyFrame]:
+    """What _summarise needs from the staged rows: rows and first line per row reason; per sensor read as text
+    (``texts``), the values that are text and the values that are not empty (usable rows); long layout: the
+    unknown tags."""
     by_reason = staged.group_by("_reason").agg(pl.len(), pl.col("_line").min().alias("first"))
     good = staged.filter(pl.col("_reason").is_null())
     if src.layout == "wide":
-        whys = [f"{s}__why" for s in present]
+        whys = [f"{s}__why" for s in texts]
+        if not whys:
+            return [by_reason, pl.LazyFrame()]
         stats = good.select(
             *[(pl.col(w) == CODE["not_numeric"]).sum().alias(f"{w}:nn") for w in whys],
             *[(pl.col(w) != CODE["empty"]).sum().alias(f"{w}:ne") for w in whys],
@@ -509,7 +514,7 @@ def _summary_queries(staged: pl.LazyFrame, src: SourceConfig, present: list[str]
     return [by_reason, stats, tags]
 
 
-def _summarise(info: StagedFile, src: SourceConfig, present: list[str], bad: pl.DataFrame | None,
+def _summarise(info: StagedFile, src: SourceConfig, texts: list[str], bad: pl.DataFrame | None,
                n_lines: int | None, skip_rows: int, by_reason: pl.DataFrame, stats: pl.DataFrame,
                tags: pl.DataFrame | None = None) -> None:
     """Counts for the report, and the file-level checks that turn into errors (from _summary_queries)."""
@@ -542,11 +547,11 @@ def _summarise(info: StagedFile, src: SourceConfig, present: list[str], bad: pl.
     if info.rows == sum(counts.values()):  # no usable row
         return
     if src.layout == "wide":
-        whys = [f"{s}__why" for s in present]
+        whys = [f"{s}__why" for s in texts]
         if not whys:
             return
         stats = stats.row(0, named=True)
-        for s, w in zip(present, whys):
+        for s, w in zip(texts, whys):
             nn, ne, line = stats[f"{w}:nn"], stats[f"{w}:ne"], stats[f"{w}:first"]
             if nn:
                 info.not_numeric[s] = line
