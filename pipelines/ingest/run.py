@@ -69,6 +69,8 @@ def ingest_source(cfg: PlantConfig, src: SourceConfig, watermark: SourceWatermar
     # new files are hashed in a thread while stage A reads them (hashlib releases the GIL; polars works without it)
     hasher = ThreadPoolExecutor(1)
     hashes = {p.path: hasher.submit(file_sha256, p.path) for p in to_read if not p.state.sha256}
+    # a big batch will want stage-B workers: they start (and import) while stage A reads, not after it
+    pool = _start_pool(_workers(workers, None, sum(_size(p.path) for p in to_read)))
     try:
         staged = []
         for i, plan in enumerate(to_read):
@@ -101,7 +103,8 @@ def ingest_source(cfg: PlantConfig, src: SourceConfig, watermark: SourceWatermar
                 for i, eq in enumerate(sorted(chunks))]
         n_workers = _workers(workers, jobs)
         if n_workers > 1:
-            results = _run_parallel(jobs, n_workers)
+            pool = pool or _start_pool(n_workers)
+            results = list(pool.map(_run_equipment, jobs))
         else:
             results = [_run_equipment(job) for job in jobs]
         outputs: dict[Path, tuple[Path, int]] = {}  # final store file -> (staged file, rows)
@@ -139,6 +142,8 @@ def ingest_source(cfg: PlantConfig, src: SourceConfig, watermark: SourceWatermar
             report.quarantine_file = str(q_final)
     finally:
         hasher.shutdown(cancel_futures=True)
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
         shutil.rmtree(staging, ignore_errors=True)
         try:
             (cfg.store / ".staging").rmdir()  # only when no other run is staging
@@ -221,30 +226,50 @@ def _run_equipment(job: _EquipmentJob) -> _EquipmentResult:
     return _EquipmentResult(outputs, outcomes, mark, unobserved or set())
 
 
-def _workers(requested: int | None, jobs: list[_EquipmentJob]) -> int:
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _workers(requested: int | None, jobs: list[_EquipmentJob] | None, size: int | None = None) -> int:
+    """Stage-B processes for these jobs (or, before stage A, for ``size`` bytes of input files)."""
+    n_jobs = len(jobs) if jobs is not None else 1 << 30
     if requested is not None:
-        return max(1, min(requested, len(jobs)))
-    size = sum(n for job in jobs for _, n in job.chunks)
-    if size < PARALLEL_MIN_BYTES or len(jobs) < 2:
+        return max(1, min(requested, n_jobs))
+    if jobs is not None:
+        size = sum(n for job in jobs for _, n in job.chunks)
+    if (size or 0) < PARALLEL_MIN_BYTES or n_jobs < 2:
         return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cores, len(jobs)))
+    return max(1, min(cores, n_jobs))
 
 
-def _run_parallel(jobs: list[_EquipmentJob], n_workers: int) -> list[_EquipmentResult]:
-    """Equipment jobs in ``n_workers`` fresh processes (spawned: a fork would copy polars' thread pool
-    state), each with one polars thread, as the processes already share the cores. (Threads in this process
-    were measured too: stage B on 1 GB took ~8.4 s on two threads, ~6.7 s in two processes, ~10 s serial.)"""
+def _start_pool(n_workers: int) -> ProcessPoolExecutor | None:
+    """``n_workers`` fresh processes for stage B (spawned: a fork would copy polars' thread pool state), each
+    with one polars thread, as the processes already share the cores; started now, each importing the stage-B
+    code (~0.5 s) while the caller goes on. None for one worker. (Threads in this process were measured too:
+    stage B on 1 GB took ~8.4 s on two threads, ~6.7 s in two processes, ~10 s serial.)"""
+    if n_workers < 2:
+        return None
     saved = os.environ.get("POLARS_MAX_THREADS")
     os.environ["POLARS_MAX_THREADS"] = "1"  # read by the children when they import polars
     try:
-        with ProcessPoolExecutor(n_workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            return list(pool.map(_run_equipment, jobs))
+        pool = ProcessPoolExecutor(n_workers, mp_context=multiprocessing.get_context("spawn"))
+        for _ in range(n_workers):  # each submit while none is idle starts a process (with this environment)
+            pool.submit(_warm_up)
+        return pool
     finally:
         if saved is None:
             os.environ.pop("POLARS_MAX_THREADS", None)
         else:
             os.environ["POLARS_MAX_THREADS"] = saved
+
+
+def _warm_up() -> None:
+    """Runs first in each stage-B worker: the imports of stage B (this module's own already happened)."""
+    import pipelines.ingest.align  # noqa: F401
 
 
 def _check_batch(src: SourceConfig, sensors: list[str], full_files: list[StagedFile], required: list[str]) -> None:
