@@ -464,20 +464,28 @@ def render(results: list[dict], meta: dict, load: tuple[float, float]) -> str:
                  "wide.csv) instead of one per day (9,450). The pandas reference writes the same layout, which made "
                  "it faster too (pyarrow spends ~10 ms a file: on the 0.2 GB file it went from 34.8 s with day "
                  "files to 16.2 s, back to back).")
-    lines.append("- Where ours spends its time on wide.csv (2026-11-28, session 4, this Intel host, stage timers and "
-                 "perf samples; CPU s / wall s): stage A (parse, clean, stage to Arrow IPC; hash and line check on "
-                 "threads alongside) 14.5-16.6 / 8.0-9.5, of which polars building the CSV's text columns ~23% of the "
-                 "samples, float parsing ~9%, timestamp parsing ~4%, the bytes-level line check ~5%; stage B in one "
-                 "process 9.6 / 7.3: the 315 lz4 store files 4.3 (3.6M rows/s per core; uncompressed would halve that "
-                 "and double the store), alignment 1.2, stuck-run detection 0.8, duplicates 0.6, reading the staged "
-                 "IPC 0.6. Stage B on two processes ~5 s wall.")
-    lines.append("- Margin, and how much it moves: the same ingest code on the same file, on three machines of this "
-                 "kind: session 2 (AMD EPYC) 5.5x (load 0.8 -> 1.3: 18.0 s vs 98.3 s, ours 31.7 CPU s) and 4.5x (load "
-                 "1.0 -> 3.5); session 3 (AMD EPYC, slower) 3.7x / 3.9x / 4.0x (ours 28-31 s and 48-51 CPU s, pandas "
-                 "112-117 s); session 4 (Intel Xeon, the table above) 3.9x / 3.2x / 3.9x with ours 14.9-17.5 s and "
-                 "pandas 55.8-63.4 s. Single-threaded pandas runs twice as fast on the Intel host while ours, two "
-                 "processes and memory-bound, gains less, so the ratio lands at 3.9x on both of the last two hosts for"
-                 " different reasons. Reaching 5x there needs ~25% less wall time for ours.")
+    lines.append("- Where ours spends its time on wide.csv (2026-11-28, session 5, this Intel host, phase timers, "
+                 "line and perf profiles; wall s): stage A (parse, clean, stage to Arrow IPC; hash and line count on "
+                 "threads alongside) 7.0-7.7, stage B on two processes 6.5-7.1 (their start now overlaps stage A). "
+                 "Stage A's samples: polars' CSV reader and float parsing ~29%, timestamp parsing ~5%. Stage B, one "
+                 "process, ~15 CPU s: the 315 lz4 store files 5.7 (18 ms a file; uncompressed would be ~3x faster "
+                 "and ~1.9x the size, and the pandas reference writes zstd), alignment 2.9, stuck-run detection 1.4, "
+                 "duplicates 1.0, per-file counts 0.7, reading the staged IPC 0.7.")
+    lines.append("- This revision's changes, measured against the previous one on this host, interleaved, ours only "
+                 "(wide.csv; helpers' work paused): 21.6 / 21.3 s -> 16.9 / 16.3 s wall, 39.9 / 38.4 -> 31.0 / "
+                 "30.1 CPU s (1.29x). What changed: the optimistic CSV pass reads the sensor columns as numbers "
+                 "(falling back to the text path on any other field), proves line shapes by delimiter counts (numpy) "
+                 "plus a read that fails on long lines, converts local time by a per-batch hour table, rejects empty "
+                 "equipment ids through the row reason; stage B skips re-sorting rows already in order and starts its "
+                 "workers during stage A. Same counts as before (kept, nulled, quarantined).")
+    lines.append("- Margin, and how much it moves: the ratio depends on the host as much as on the code. Session 2 "
+                 "(AMD EPYC) 5.5x / 4.5x; session 3 (AMD EPYC, slower) 3.7x / 3.9x / 4.0x; session 4 (Intel Xeon) "
+                 "3.9x / 3.2x / 3.9x with ours 14.9-17.5 s and pandas 55.8-63.4 s; session 5 (Intel Xeon, the table "
+                 "above) 4.0x / 4.1x / 3.8x with ours 17.8-20.0 s and pandas 68.6-80.8 s, on a host where the "
+                 "previous revision took 17.9-21.6 s (3.3x at the session's start). Reaching 5x here needs ~20% less "
+                 "wall for ours; the largest single piece left is the store's compression in stage B. "
+                 "long_prefix.csv: one pair, at load 6.0; ours on it, interleaved with the previous revision: 18.7 / "
+                 "17.5 s -> 17.1 / 16.8 s (session 4's host: 13.5 s).")
     return "\n".join(lines)
 
 
