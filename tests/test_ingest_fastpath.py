@@ -12,7 +12,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_ingest import LONG, WIDE, ingest, plant, quarantine, store, write_raw
-from test_ingest_malformed import _clean_lines_reference
 
 import pipelines.ingest.readers as readers
 
@@ -113,33 +112,6 @@ def test_optimistic_and_exact_paths_agree(tmp_path_factory, values):
     fast, exact = outcomes
     assert fast[:6] == exact[:6]
     assert fast[6] is exact[6] or isinstance(fast[6], str) or fast[6].equals(exact[6])
-
-
-_raw_line = st.one_of(
-    st.just(b"2024-01-15 10:00:00,P1,1.5"), st.just(b"a,b,c"), st.just(b"a,b"), st.just(b"a,b,c,d"), st.just(b""),
-    st.just(b'"a,b",c'), st.just(b"\xc3\xa9,b,c"), st.just(b"\xff,b,c"), st.just(b"a,b,c\r"), st.binary(max_size=6))
-
-
-@given(st.lists(_raw_line, max_size=12), st.booleans(), st.integers(0, 14), st.integers(1, 9))
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-def test_delimiter_count_check_property(tmp_path_factory, lines, final_newline, skip, chunk):
-    """The counting check (exact=False) never rejects a clean file, and when it accepts a file that is not clean,
-    some line has too many fields (which the optimistic read fails on)."""
-    data = b"h1,h2,h3\n" + b"\n".join(lines) + (b"\n" if final_newline and lines else b"")
-    path = tmp_path_factory.mktemp("count") / "a.csv"
-    path.write_bytes(data)
-    saved = readers._CLEAN_CHUNK
-    readers._CLEAN_CHUNK = chunk
-    try:
-        got = readers._clean_data_lines(path, ",", 3, skip, exact=False)
-    finally:
-        readers._CLEAN_CHUNK = saved
-    ref = _clean_lines_reference(data, 3, skip)
-    if ref is not None:
-        assert got == ref
-    elif got is not None:
-        body = data.split(b"\n")[max(skip, 1):]
-        assert any(line.count(b",") > 2 for line in body)
 
 
 def test_wide_float_columns_are_the_sensors_present(tmp_path):
