@@ -435,8 +435,8 @@ def stage_file(path: Path, index: int, src: SourceConfig, etype: EquipmentType, 
 
 
 class _OptimisticPassFailed(Exception):
-    """The optimistic pass over a CSV file met something it does not handle (a text value in a column read as
-    numbers, a quote, a ragged line): the file is staged again on the exact path."""
+    """The optimistic pass over a CSV file failed to read it (a text value in a column read as numbers, a line
+    with too many fields): the file is staged again on the exact path."""
 
 
 def _float_columns(names: list[str], src: SourceConfig, etype: EquipmentType) -> tuple[str, ...]:

@@ -70,7 +70,7 @@ def ingest_source(cfg: PlantConfig, src: SourceConfig, watermark: SourceWatermar
     hasher = ThreadPoolExecutor(1)
     hashes = {p.path: hasher.submit(file_sha256, p.path) for p in to_read if not p.state.sha256}
     # a big batch will want stage-B workers: they start (and import) while stage A reads, not after it
-    pool = _start_pool(_workers(workers, None, sum(_size(p.path) for p in to_read)))
+    pool = _start_pool(_workers(workers, sum(_size(p.path) for p in to_read)))
     try:
         staged = []
         for i, plan in enumerate(to_read):
@@ -101,7 +101,7 @@ def ingest_source(cfg: PlantConfig, src: SourceConfig, watermark: SourceWatermar
         jobs = [_EquipmentJob(eq, i, _chunks(chunks[eq]), wm.max_ts.get(eq), src, etype, cfg.store,
                               staging / "out")
                 for i, eq in enumerate(sorted(chunks))]
-        n_workers = _workers(workers, jobs)
+        n_workers = _workers(workers, sum(n for job in jobs for _, n in job.chunks), len(jobs))
         if n_workers > 1:
             pool = pool or _start_pool(n_workers)
             results = list(pool.map(_run_equipment, jobs))
@@ -233,17 +233,16 @@ def _size(path: Path) -> int:
         return 0
 
 
-def _workers(requested: int | None, jobs: list[_EquipmentJob] | None, size: int | None = None) -> int:
-    """Stage-B processes for these jobs (or, before stage A, for ``size`` bytes of input files)."""
-    n_jobs = len(jobs) if jobs is not None else 1 << 30
-    if requested is not None:
-        return max(1, min(requested, n_jobs))
-    if jobs is not None:
-        size = sum(n for job in jobs for _, n in job.chunks)
-    if (size or 0) < PARALLEL_MIN_BYTES or n_jobs < 2:
+def _workers(requested: int | None, size: int, n_jobs: int | None = None) -> int:
+    """Stage-B processes for ``size`` bytes of data in ``n_jobs`` equipment jobs (None before stage A, when only
+    the input files' size is known)."""
+    if n_jobs is not None and n_jobs < 2:
         return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cores, n_jobs))
+    if requested is None:
+        if size < PARALLEL_MIN_BYTES:
+            return 1
+        requested = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(requested, n_jobs or requested))
 
 
 def _start_pool(n_workers: int) -> ProcessPoolExecutor | None:
@@ -268,8 +267,7 @@ def _start_pool(n_workers: int) -> ProcessPoolExecutor | None:
 
 
 def _warm_up() -> None:
-    """Runs first in each stage-B worker: the imports of stage B (this module's own already happened)."""
-    import pipelines.ingest.align  # noqa: F401
+    """Runs first in each stage-B worker: unpickling it imports this module and with it stage B's code."""
 
 
 def _check_batch(src: SourceConfig, sensors: list[str], full_files: list[StagedFile], required: list[str]) -> None:
