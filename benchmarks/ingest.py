@@ -435,7 +435,7 @@ def render(results: list[dict], meta: dict, load: tuple[float, float]) -> str:
     if len(repeats) > 1:
         loads = ", ".join(f"{r.get('load_start', float('nan')):.1f}" for r in results if r["worker"] == "ours"
                           and Path(r["file"]).name == "wide.csv")
-        lines.append(f"- The wide-file pair (ours, pandas) ran {len(repeats)} times back to back (load average at the "
+        lines.append(f"- The wide-file pair (ours, pandas) ran {len(repeats)} times (load average at the "
                      f"start of each of ours: {loads}); the target is judged on the median of the pairs' ratios.")
     for name in ("wide.csv", "long_prefix.csv"):
         speeds, cpus = [], []
@@ -447,8 +447,8 @@ def render(results: list[dict], meta: dict, load: tuple[float, float]) -> str:
                 cpus.append(pand["cpu"] / ours["cpu"])
                 rss, prss, kept = ours["total_rss_mb"], pand["total_rss_mb"], (ours["kept"], pand["kept"])
         if speeds:
-            each = f" (runs: {', '.join(f'{x:.1f}x' for x in speeds)})" if len(speeds) > 1 else ""
-            lines.append(f"- {name}: ours {statistics.median(speeds):.1f}x pandas' throughput (wall, median){each}, "
+            each = f" (runs: {', '.join(f'{x:.2f}x' for x in speeds)})" if len(speeds) > 1 else ""
+            lines.append(f"- {name}: ours {statistics.median(speeds):.2f}x pandas' throughput (wall, median){each}, "
                          f"{statistics.median(cpus):.1f}x less CPU time; peak RSS {rss:,.0f} MB vs {prss:,.0f} MB. "
                          f"Same counts: kept {kept[0]:,} vs {kept[1]:,}.")
             if name == "wide.csv":
@@ -456,7 +456,7 @@ def render(results: list[dict], meta: dict, load: tuple[float, float]) -> str:
                 rss_max = max(r["total_rss_mb"] for r in results if r["worker"] == "ours"
                               and Path(r["file"]).name == name)
                 lines.append(f"- Targets on the ~1 GB wide file: >= 5x pandas' throughput: "
-                             f"{'met' if speed >= 5 else 'NOT met'} ({speed:.1f}x, median); peak RSS under 2 GB: "
+                             f"{'met' if speed >= 5 else 'NOT met'} ({speed:.2f}x, median); peak RSS under 2 GB: "
                              f"{'met' if rss_max < 2048 else 'NOT met'} ({rss_max:,.0f} MB, largest run).")
     if not any(Path(r["file"]).name == "long.csv" for r in results):
         lines.append("- Not run this time: ours on the full long.csv (`--skip-long-full`).")
@@ -464,28 +464,27 @@ def render(results: list[dict], meta: dict, load: tuple[float, float]) -> str:
                  "wide.csv) instead of one per day (9,450). The pandas reference writes the same layout, which made "
                  "it faster too (pyarrow spends ~10 ms a file: on the 0.2 GB file it went from 34.8 s with day "
                  "files to 16.2 s, back to back).")
-    lines.append("- Where ours spends its time on wide.csv (2026-11-28, session 5, this Intel host, phase timers, "
-                 "line and perf profiles; wall s): stage A (parse, clean, stage to Arrow IPC; hash and line count on "
-                 "threads alongside) 7.0-7.7, stage B on two processes 6.5-7.1 (their start now overlaps stage A). "
-                 "Stage A's samples: polars' CSV reader and float parsing ~29%, timestamp parsing ~5%. Stage B, one "
-                 "process, ~15 CPU s: the 315 lz4 store files 5.7 (18 ms a file; uncompressed would be ~3x faster "
-                 "and ~1.9x the size, and the pandas reference writes zstd), alignment 2.9, stuck-run detection 1.4, "
-                 "duplicates 1.0, per-file counts 0.7, reading the staged IPC 0.7.")
-    lines.append("- This revision's changes, measured against the previous one on this host, interleaved, ours only "
-                 "(wide.csv; helpers' work paused): 21.6 / 21.3 s -> 16.9 / 16.3 s wall, 39.9 / 38.4 -> 31.0 / "
-                 "30.1 CPU s (1.29x). What changed: the optimistic CSV pass reads the sensor columns as numbers "
-                 "(falling back to the text path on any other field), proves line shapes by delimiter counts (numpy) "
-                 "plus a read that fails on long lines, converts local time by a per-batch hour table, rejects empty "
+    lines.append("- Where ours spends its time on wide.csv (2026-11-28, session 6, this AMD host, phase timers and "
+                 "perf; wall s): stage A (parse, clean, stage to Arrow IPC; hash and line count on threads alongside) "
+                 "8.9-10.3, stage B on two processes 6.2; both cores are busy 92-100% of the run (sampled every "
+                 "0.5 s), so only less CPU work makes it faster. Stage B per equipment, one process: 113 ms, of which "
+                 "the three lz4 store files ~45 (15 ms a file; uncompressed ~9 ms at ~2x the size, and the pandas "
+                 "reference writes zstd), alignment 22, observations 10, stuck-run detection 8, duplicates 7, "
+                 "per-file counts 5. perf over the whole run: lz4 7% of samples, the CSV reader and float parsing "
+                 "~13%, gathers of float columns (grid join, partitioning) ~5%, timestamp parsing ~3%.")
+    lines.append("- The code measured here is session 5's (no ingest change since). Its changes, measured in session 5 "
+                 "against the revision before on that session's Intel host, interleaved, ours only: 21.6 / 21.3 s -> "
+                 "16.9 / 16.3 s wall (1.29x): the optimistic CSV pass reads the sensor columns as numbers (falling "
+                 "back to the text path on any other field), proves line shapes by delimiter counts (numpy) plus a "
+                 "read that fails on long lines, converts local time by a per-batch hour table, rejects empty "
                  "equipment ids through the row reason; stage B skips re-sorting rows already in order and starts its "
-                 "workers during stage A. Same counts as before (kept, nulled, quarantined).")
-    lines.append("- Margin, and how much it moves: the ratio depends on the host as much as on the code. Session 2 "
-                 "(AMD EPYC) 5.5x / 4.5x; session 3 (AMD EPYC, slower) 3.7x / 3.9x / 4.0x; session 4 (Intel Xeon) "
-                 "3.9x / 3.2x / 3.9x with ours 14.9-17.5 s and pandas 55.8-63.4 s; session 5 (Intel Xeon, the table "
-                 "above) 4.0x / 4.1x / 3.8x with ours 17.8-20.0 s and pandas 68.6-80.8 s, on a host where the "
-                 "previous revision took 17.9-21.6 s (3.3x at the session's start). Reaching 5x here needs ~20% less "
-                 "wall for ours; the largest single piece left is the store's compression in stage B. "
-                 "long_prefix.csv: one pair, at load 6.0; ours on it, interleaved with the previous revision: 18.7 / "
-                 "17.5 s -> 17.1 / 16.8 s (session 4's host: 13.5 s).")
+                 "workers during stage A.")
+    lines.append("- Margin, and how much it moves: the ratio depends on the host as much as on the code. This table "
+                 "(session 6, AMD EPYC) is two invocations of `--repeat 3` back to back (runs 1-3 and 4-6). Earlier "
+                 "hosts: session 2 (AMD EPYC) 5.5x / 4.5x; session 3 (AMD EPYC, slower) 3.7x / 3.9x / 4.0x; "
+                 "session 4 (Intel Xeon) 3.9x / 3.2x / 3.9x; session 5 (Intel Xeon, this code) 4.0x / 4.1x / 3.8x "
+                 "with ours 17.8-20.0 s and pandas 68.6-80.8 s. So the target is met on this host and was not on "
+                 "session 5's Intel host, where pandas ran ~20% faster and ours about as fast as here.")
     return "\n".join(lines)
 
 
