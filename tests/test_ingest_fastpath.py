@@ -165,3 +165,44 @@ def test_in_order_recognises_sorted_rows(rows, long):
     cols = [*key, "_file", "_line"]
     expected = df.select(cols).equals(df.select(cols).sort(cols)) and df["timestamp"].null_count() == 0
     assert _in_order(df, key) == (expected or df.height < 2)
+
+
+_SENSORS = ["flow", "speed", "temp"]
+
+
+@given(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 40), st.integers(0, 1), st.integers(0, 30),
+                          st.one_of(st.none(), st.floats(-1e6, 1e6))), max_size=40),
+       st.booleans())
+@settings(max_examples=300, deadline=None)
+def test_long_observations_match_a_pivot(rows, extra_category):
+    """Stage B's long rows -> one row per grid point: sorting by (sensor, time, _file, _line) through `_sorted` and
+    the numpy merge in `_long_observations` give what the straightforward way gives (rows sorted by time, then a
+    pivot keeping the last reading per grid point and sensor). Times are in 20 s steps, the grid is 1 min, so
+    several readings share a grid point; the same line can repeat (ties broken by position, as the sort keeps)."""
+    from pipelines.ingest.align import _long_observations, _sorted, bucket_expr
+
+    categories = [*_SENSORS, "other"] if extra_category else _SENSORS  # a category the type does not have
+    df = pl.DataFrame({"timestamp": [t * 20_000_000 for _, t, _, _, _ in rows],
+                       "sensor": [categories[s] for s, _, _, _, _ in rows],
+                       "_file": [f for _, _, f, _, _ in rows], "_line": [ln for _, _, _, ln, _ in rows],
+                       "value": [v for *_, v in rows]},
+                      schema={"timestamp": pl.Int64, "sensor": pl.String, "_file": pl.Int32, "_line": pl.Int64,
+                              "value": pl.Float64})
+    df = df.with_columns(pl.col("timestamp").cast(pl.Datetime("us", "UTC")),
+                         pl.col("sensor").cast(pl.Enum(categories)))
+    key = ["sensor", "timestamp"]
+    got_sorted = _sorted(df, key)
+    assert got_sorted.equals(df.sort([*key, "_file", "_line"], maintain_order=True))
+
+    bucket = bucket_expr(pl.col("timestamp"), "1m").alias("timestamp")
+    usable = got_sorted.filter(pl.col("value").is_not_null()).select(bucket, "sensor", "value")
+    got = _long_observations(usable, _SENSORS)
+
+    ref = (df.sort(["timestamp", "sensor", "_file", "_line"], maintain_order=True).filter(pl.col("value").is_not_null())
+           .filter(pl.col("sensor").cast(pl.String).is_in(_SENSORS))
+           .select(bucket, pl.col("sensor").cast(pl.String), "value"))
+    if ref.height:
+        ref = ref.pivot(on="sensor", index="timestamp", values="value", aggregate_function="last")
+    ref = ref.select("timestamp", *[pl.col(s) if s in ref.columns else pl.lit(None, pl.Float64).alias(s)
+                                    for s in _SENSORS]).sort("timestamp")
+    assert got.equals(ref), (got, ref)
