@@ -467,8 +467,10 @@ def run_config(b, d, L, dtype, ext, floors, args, results, n=16):
 SPLIT_FWD = {"G": 4, "T": 8, "TC": 4, "BC_PRE": True, "FMA_RCP": True, "N_POLY": 0}
 
 
-def precompile_specs(tune: bool, lean: bool = False) -> list[dict]:
-    """Kernel variants the run will need (dtype x options x L divisibility x tuning configs), one worker each."""
+def precompile_specs(tune: bool, lean: bool = False, shapes=None) -> list[dict]:
+    """Kernel variants the run will need (dtype x options x L divisibility x tuning configs), one worker each.
+    Shapes with d_inner * L >= 2^31 pass 64-bit strides, another specialisation of every kernel: compiled here
+    on a (1, 4096, 2^19) problem (bf16 only: an fp32 one would need ~90 GB beside the run)."""
     specs = [{"dtype": "bfloat16", "opts": "all", "L": L, "fwd": SPLIT_FWD, "bwd": {}, "grad": True}
              for L in ((1024,) if lean else (1024, 517))]
     for dtype in ("bfloat16", "float32"):
@@ -477,6 +479,9 @@ def precompile_specs(tune: bool, lean: bool = False) -> list[dict]:
                 if lean and opts == "all" and L == 517:
                     continue
                 specs.append({"dtype": dtype, "opts": opts, "L": L, "fwd": {}, "bwd": {}, "grad": True})
+    if any(sh[1] * sh[2] >= 1 << 31 and sh[3] == torch.bfloat16 for sh in (shapes or [])):
+        specs.append({"dtype": "bfloat16", "opts": "all", "L": 1 << 19, "b": 1, "d": 4096, "n_segs": [3],
+                      "fwd": {}, "bwd": {}, "grad": True})
     if tune:
         for c in ({"G": 1, "BLOCK_D": 32, "T": 4, "N_POLY": 0}, {**SPLIT_FWD, "N_POLY": 1}):
             specs.append({"dtype": "bfloat16", "opts": "all", "L": 1024, "fwd": c, "bwd": {}, "grad": False})
@@ -489,16 +494,17 @@ def precompile_worker(spec: dict) -> None:
     from kernels import triton_scan as ts
 
     dtype = getattr(torch, spec["dtype"])
-    for n_seg in (1, 3):
+    b, d = spec.get("b", 2), spec.get("d", 208)
+    for n_seg in spec.get("n_segs", (1, 3)):
         ts._CONFIG_OVERRIDE["fwd"] = {**spec["fwd"], "n_seg": n_seg}
         ts._CONFIG_OVERRIDE["bwd"] = {**spec["bwd"], "n_seg": n_seg}
-        inp = make_inputs(2, 208, spec["L"], 16, dtype, seed=n_seg)
+        inp = make_inputs(b, d, spec["L"], 16, dtype, seed=n_seg)
         if spec["opts"] == "none":
             kw = dict(delta_softplus=False)
         else:
             kw = dict(D=inp["D"], z=inp["z"], delta_bias=inp["delta_bias"], delta_softplus=True)
             if spec["opts"] == "h0":
-                kw["initial_state"] = torch.randn(2, 208, 16, device="cuda")
+                kw["initial_state"] = torch.randn(b, d, 16, device="cuda")
         args = [inp[k] for k in ("u", "delta", "A", "B", "C")]
         ts.selective_scan_triton(*args, **kw, return_final_state=True)
         if spec["grad"]:
@@ -506,6 +512,7 @@ def precompile_worker(spec: dict) -> None:
             kwl = {k: (v.clone().requires_grad_() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
             y, h = ts.selective_scan_triton(*leaves, **kwl, return_final_state=True)
             (y.float().sum() + h.sum()).backward()
+        del inp, args
     torch.cuda.synchronize()
 
 
@@ -803,6 +810,8 @@ def main() -> None:
     ap.add_argument("--skip-done", type=Path, help="a results JSON of an earlier call on this card: skip the shapes "
                     "and the step benchmark it holds (a call that hit --budget-s is finished by a second call)")
     ap.add_argument("--merge", type=Path, help="with --render: add this second call's shapes to the table")
+    ap.add_argument("--shapes", help="only these shapes, in this order: comma-separated BxDxL:dtype, e.g. "
+                    "8x1536x32768:bfloat16,1x1536x1048576:float32")
     ap.add_argument("--precompile-worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.precompile_worker:
@@ -818,7 +827,14 @@ def main() -> None:
     t_start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     proc = None if args.no_mamba else start_mamba_build(args.mamba_sdist, args.work)
-    workers = start_precompile(precompile_specs(args.tune, args.lean))
+    shapes = all_shapes()
+    if args.shapes:
+        shapes = []
+        for item in args.shapes.split(","):
+            dims, dt = item.strip().split(":")
+            b_, d_, L_ = (int(v) for v in dims.split("x"))
+            shapes.append((b_, d_, L_, getattr(torch, dt)))
+    workers = start_precompile(precompile_specs(args.tune, args.lean, shapes))
     import triton
 
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
@@ -857,7 +873,6 @@ def main() -> None:
         res["notes"].append("small-shape checks failed: nothing timed")
         save()
         return
-    shapes = all_shapes()
     if args.lean:
         bf, f32 = torch.bfloat16, torch.float32
         shapes = [(8, 4096, 32768, bf), (8, 1536, 32768, bf), (8, 4096, 131072, bf), (1, 4096, 1 << 20, bf),

@@ -1168,6 +1168,16 @@ def _num_sms(device: torch.device) -> int:
     return 4
 
 
+def _wave_segments(warps: int, cap: int, min_waves: int, n_max: int) -> int:
+    """Segment count for a pass of `warps` one-warp programs per segment on a GPU that holds `cap` of them at once:
+    at least `min_waves` waves if segments may be that many (n_max: segments >= 4 chunks long), and among up to
+    twice that count the one whose last wave is fullest (least time per segment-length: ceil(waves) / n_seg;
+    ties to fewer segments)."""
+    lo = max(1, min(triton.cdiv(min_waves * cap, warps), n_max))
+    hi = max(lo, min(2 * lo, n_max))
+    return min(range(lo, hi + 1), key=lambda n: (triton.cdiv(n * warps, cap) / n, n))
+
+
 def _pick_config(b: int, d: int, L: int, dtype: torch.dtype, device: torch.device, backward: bool) -> dict:
     """Block shapes and the number of parallel segments. Overridable for tuning via _CONFIG_OVERRIDE."""
     sms = _num_sms(device)
@@ -1175,10 +1185,12 @@ def _pick_config(b: int, d: int, L: int, dtype: torch.dtype, device: torch.devic
         block_d, num_warps = (32, 1)
         T = 2                           # backward keeps T steps of states and decays live: T = 4 spills registers
         warps = b * triton.cdiv(d, block_d) * num_warps
-        # The loop is latency-bound below ~6 warps per SM (measured on an H200: 8 x 1536 ran fastest with 4-6
-        # segments, 8 x 4096 with 1). A segment pre-pass costs ~3/4 of a pass, so split only when short of warps,
-        # aiming at ~12 per SM, and keep segments >= 4 chunks long.
-        n_seg = 1 if warps >= 6 * sms else triton.cdiv(12 * sms, warps)
+        # The loop is latency-bound below ~6 warps per SM (8 x 4096 runs fastest with 1 segment), so split only when
+        # short of warps; then fill whole waves: the main pass holds 8 one-warp programs per SM (255 registers) and
+        # all programs are equally long, so 1.5 waves cost as much as 2 (H200, session 6: 8 x 1536 x 32768 bf16,
+        # backward 19.3 ms at 5 segments = 1.8 waves, 22.2 at 4 = 1.45 waves, 18.7-19.0 at 8 / 11 = 2.9 / 4 waves;
+        # 1 x 1536 x 1M: 85.4 ms at 33 = 1.5 waves, 76.7 / 74.3 / 73.2 at 1 / 2 / 3 waves).
+        n_seg = 1 if warps >= 6 * sms else _wave_segments(warps, 8 * sms, 3, triton.cdiv(L, 4 * CK_DEFAULT))
         # Per-element inputs read 16 bytes per lane at a time (8 bf16 / 4 fp32 steps), gradients collected and
         # written likewise, the next group's inputs loaded at the current group's first tile (LA 4 >= W / T): H200,
         # backward alone, 1.27-1.41x the tile-wide version (loads alone 1.03-1.08x; 8-byte groups 1.22-1.24x bf16).
@@ -1199,10 +1211,12 @@ def _pick_config(b: int, d: int, L: int, dtype: torch.dtype, device: torch.devic
             cfg = {"G": 4, "T": 8, "TC": 4, "BC_PRE": True, "FMA_RCP": True, "num_warps": 1, "n_seg": 1,
                    "N_POLY": 0}
         else:
-            # The loop is latency-bound below ~6 warps per SM (measured on an H200: 8 x 1536 ran fastest with 4-6
-            # segments, 1 x 4096 x 1M with 10, 8 x 4096 with 1). A segment pre-pass costs ~3/4 of a forward, so
-            # split only when short of warps, aiming at ~12 per SM, and keep segments >= 4 chunks long.
-            n_seg = 1 if warps1 >= 6 * sms else triton.cdiv(12 * sms, warps1)
+            # The loop is latency-bound below ~6 warps per SM (8 x 4096 runs fastest with 1 segment). A segment
+            # pre-pass costs ~3/4 of a forward, so split only when short of warps; then fill two whole waves of the
+            # main pass (16 one-warp programs per SM at <= 128 registers). H200, session 6: 8 x 1536 x 32768
+            # forward with checkpoints 6.25 ms (bf16) / 6.81 (fp32) at 5 segments, 5.75 / 5.77 at 11 (2 waves);
+            # 1 x 1536 x 1M 24.7 at 33, 24.2 at 66.
+            n_seg = 1 if warps1 >= 6 * sms else _wave_segments(warps1, 16 * sms, 2, triton.cdiv(L, 4 * CK_DEFAULT))
             cfg = {"G": 1, "BLOCK_D": 32, "T": 8, "STAGES": 3, "num_warps": 1, "n_seg": n_seg, "N_POLY": 2}
     cfg["n_seg"] = max(1, min(cfg["n_seg"], triton.cdiv(L, 4 * CK_DEFAULT)))
     cfg.update(_CONFIG_OVERRIDE.get("bwd" if backward else "fwd", {}))

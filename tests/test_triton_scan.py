@@ -309,10 +309,11 @@ print("layout ok" if ts._shfl_layout_ok(ir, 4) else "layout differs")
     assert r.stdout.strip().splitlines()[-1] in ("layout ok", "layout differs")
 
 
-def test_step_kernel_matches_torch_step(ts):
-    """The Triton one-step kernel against the torch step (the exact path), state in place."""
+@pytest.mark.parametrize("b,d,n", [(3, 40, 16), (2, 256, 16), (2, 128, 3)])
+def test_step_kernel_matches_torch_step(ts, b, d, n):
+    """The Triton one-step kernel against the torch step (the exact path), state in place: masked loads (d_inner
+    not a multiple of the blocks, or d_state not a power of two) and the unmasked EVEN path (2, 256, 16)."""
     ts_step = importlib.import_module("kernels.triton_step")
-    b, d, n = 3, 40, 16
     g = torch.Generator().manual_seed(11)
     state = torch.randn(b, d, n, generator=g)
     x, dt, z = (torch.randn(b, d, generator=g) for _ in range(3))
@@ -331,3 +332,19 @@ def test_triton_backend_rejects_cpu_without_interpreter(ts, monkeypatch):
     inp = make(1, 32, 4, 5)
     with pytest.raises(RuntimeError, match="CUDA"):
         ts.selective_scan_triton(inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"])
+
+
+def test_wave_segments(ts):
+    """Segment counts fill whole waves of resident programs: at least min_waves, the fullest last wave among up to
+    twice that many, never more than n_max (H200 cases: 132 SMs, 8 backward / 16 forward programs per SM)."""
+    ws = ts._wave_segments
+    assert ws(384, 8 * 132, 3, 128) == 11              # 8 x 1536 backward: exactly 4 waves
+    assert ws(48, 8 * 132, 3, 4096) == 66              # 1 x 1536 x 1M backward: exactly 3 waves
+    assert ws(128, 8 * 132, 3, 4096) == 33             # 1 x 4096 x 1M backward: exactly 4 waves
+    assert ws(384, 16 * 132, 2, 128) == 11             # 8 x 1536 forward: exactly 2 waves
+    assert ws(384, 8 * 132, 3, 8) == 8                 # short sequence: capped by n_max
+    assert ws(5000, 8 * 132, 3, 1) == 1
+    for warps in (1, 7, 48, 100, 384, 700):
+        for n_max in (1, 3, 40, 1000):
+            n = ws(warps, 8 * 132, 3, n_max)
+            assert 1 <= n <= n_max
