@@ -149,6 +149,29 @@ def test_local_to_utc_matches_polars(tz, day, near, far):
     assert got.equals(want.select(got.columns))
 
 
+@given(st.sampled_from(_ZONES), st.sampled_from(_CHANGE_DAYS),
+       st.lists(st.tuples(st.integers(-3000, 3000), st.integers(0, 400),
+                          st.lists(st.one_of(st.none(), st.integers(-2 * 3_600_000_000, 4 * 3_600_000_000)),
+                                   max_size=20)), min_size=1, max_size=5))
+@settings(max_examples=150, deadline=None)
+def test_local_to_utc_batches_share_a_table(tz, day, batches):
+    """One converter over several batches (as the streaming engine calls it): the hourly offset table they share
+    grows, is reused or replaced, and every batch still equals polars' row-by-row conversion. Batches are shifted
+    by whole days around the clock change (their tables overlap or not) and spread over up to 400 extra hours."""
+    from datetime import datetime
+
+    from pipelines.ingest.quality import _polars_local_to_utc, local_to_utc
+
+    start = int((datetime.fromisoformat(day) - datetime(1970, 1, 1)).total_seconds() * 1e6)
+    convert = local_to_utc(tz)
+    for shift_days, spread_hours, near in batches:
+        base = start + shift_days * 86_400_000_000
+        values = [None if v is None else base + v for v in near] + [base + spread_hours * 3_600_000_000]
+        local = pl.Series("t", values, dtype=pl.Int64).cast(pl.Datetime("us"))
+        got = convert(local).struct.unnest()
+        assert got.equals(_polars_local_to_utc(local, tz).select(got.columns))
+
+
 @given(st.lists(st.tuples(st.one_of(st.none(), st.integers(0, 3)), st.integers(0, 1), st.integers(0, 3)),
                 max_size=12), st.booleans())
 @settings(max_examples=300, deadline=None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
+import numpy as np
 import polars as pl
 
 from pipelines.config import SensorConfig, SourceConfig
@@ -88,6 +89,7 @@ def timestamp_stages(raw: str, src: SourceConfig, dtype: pl.DataType) -> Stages:
 _CONVERTED = pl.Struct({"ts_e": pl.Datetime("us", "UTC"), "ts_l": pl.Datetime("us", "UTC"), "_amb": pl.Boolean,
                         "_nonexist": pl.Boolean})
 _HOUR_US = 3_600_000_000
+_TABLE_HOURS = 1 << 20  # the largest shared offset table: ~120 years of hours, 9 MB
 
 
 def local_to_utc(tz: str) -> Callable[[pl.Series], pl.Series]:
@@ -108,21 +110,46 @@ def local_to_utc(tz: str) -> Callable[[pl.Series], pl.Series]:
                    & (shift == hours + _HOUR_US - 1 - last["ts_e"].cast(pl.Int64)))
         return pl.select(pl.when(pl.lit(regular)).then(pl.lit(shift))).to_series()
 
+    table: list = []  # [(first hour, offsets by hour - first: int64, regular: bool)], shared by the batches
+
+    def dense(lo: int, hi: int) -> tuple[int, np.ndarray, np.ndarray]:
+        """The offsets of hours lo..hi, from the table the batches share (grown to cover them when the union
+        stays under _TABLE_HOURS; a log's batches mostly cover the same months)."""
+        if table and table[0][0] <= lo and hi < table[0][0] + len(table[0][1]):
+            return table[0]
+        if table and max(hi, table[0][0] + len(table[0][1]) - 1) - min(lo, table[0][0]) < _TABLE_HOURS:
+            lo, hi = min(lo, table[0][0]), max(hi, table[0][0] + len(table[0][1]) - 1)
+        off = offsets(pl.int_range(lo, hi + 1, dtype=pl.Int64, eager=True) * _HOUR_US)
+        entry = (lo, off.fill_null(0).to_numpy(), off.is_not_null().to_numpy())
+        table[:] = [entry]  # one assignment: a batch on another thread sees the old table or the new one
+        return entry
+
     def convert(local: pl.Series) -> pl.Series:
-        t = local.cast(pl.Int64)
+        t_s = local.cast(pl.Int64)
+        valid = t_s.is_not_null().to_numpy()
+        t = t_s.fill_null(0).to_numpy()
         hour = t // _HOUR_US
-        lo, hi = hour.min(), hour.max()
-        if lo is not None and hi - lo < max(len(t), 1024):
-            # the batch's hours, lo..hi, fit a table no longer than the batch (the usual case: a log's rows are
-            # roughly in time order): looked up by position, a tenth of the cost of a hash lookup per row
-            offset = offsets(pl.int_range(lo, hi + 1, dtype=pl.Int64, eager=True) * _HOUR_US).gather(hour - lo)
+        seen = hour[valid]
+        lo, hi = (int(seen.min()), int(seen.max())) if len(seen) else (0, 0)
+        if not len(seen):
+            ok, utc = valid, t
+        elif hi - lo < max(len(t), 1024):
+            # the batch's hours fit a table no longer than the batch (the usual case: a log's rows are roughly in
+            # time order): looked up by position, a tenth of the cost of a hash lookup per row
+            first, off, reg = dense(lo, hi)
+            idx = np.where(valid, hour - first, 0)
+            ok = valid & reg[idx]
+            utc = t - off[idx]
         else:
-            hours = hour.unique().drop_nulls() * _HOUR_US
-            offset = (hour * _HOUR_US).replace_strict(hours, offsets(hours), default=None)
-        ts = (t - offset).cast(pl.Datetime("us")).dt.replace_time_zone("UTC")
-        out = pl.DataFrame({"ts_e": ts, "ts_l": ts, "_amb": pl.repeat(False, len(t), eager=True),
-                            "_nonexist": pl.repeat(False, len(t), eager=True)})
-        odd = (offset.is_null() & t.is_not_null()).arg_true()
+            hours = pl.Series(np.unique(seen) * _HOUR_US)
+            o = (pl.Series(hour * _HOUR_US)).replace_strict(hours, offsets(hours), default=None)
+            ok = valid & o.is_not_null().to_numpy()
+            utc = t - o.fill_null(0).to_numpy()
+        ts = pl.Series(local.name, utc).cast(pl.Datetime("us")).dt.replace_time_zone("UTC")
+        ts = pl.select(pl.when(pl.lit(pl.Series(ok))).then(pl.lit(ts))).to_series() if not ok.all() else ts
+        flags = np.zeros(len(t), dtype=bool)
+        out = pl.DataFrame({"ts_e": ts, "ts_l": ts, "_amb": flags, "_nonexist": flags})
+        odd = np.flatnonzero(valid & ~ok)  # hours with a clock change inside: row by row
         if len(odd):
             exact = _polars_local_to_utc(local.gather(odd), tz)
             out = out.with_columns(out[c].scatter(odd, exact[c]) for c in out.columns)
