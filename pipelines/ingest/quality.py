@@ -115,10 +115,13 @@ def local_to_utc(tz: str) -> Callable[[pl.Series], pl.Series]:
     def dense(lo: int, hi: int) -> tuple[int, np.ndarray, np.ndarray]:
         """The offsets of hours lo..hi, from the table the batches share (grown to cover them when the union
         stays under _TABLE_HOURS; a log's batches mostly cover the same months)."""
-        if table and table[0][0] <= lo and hi < table[0][0] + len(table[0][1]):
-            return table[0]
-        if table and max(hi, table[0][0] + len(table[0][1]) - 1) - min(lo, table[0][0]) < _TABLE_HOURS:
-            lo, hi = min(lo, table[0][0]), max(hi, table[0][0] + len(table[0][1]) - 1)
+        cur = table[0] if table else None  # read once: batches may run on several threads
+        if cur is not None:
+            cur_lo, cur_hi = cur[0], cur[0] + len(cur[1]) - 1
+            if cur_lo <= lo and hi <= cur_hi:
+                return cur
+            if max(hi, cur_hi) - min(lo, cur_lo) < _TABLE_HOURS:
+                lo, hi = min(lo, cur_lo), max(hi, cur_hi)
         off = offsets(pl.int_range(lo, hi + 1, dtype=pl.Int64, eager=True) * _HOUR_US)
         entry = (lo, off.fill_null(0).to_numpy(), off.is_not_null().to_numpy())
         table[:] = [entry]  # one assignment: a batch on another thread sees the old table or the new one
