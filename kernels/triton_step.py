@@ -42,6 +42,23 @@ def _step_autotune(fn):
                            use_cuda_graph=True, prune_configs_by={"early_config_prune": _step_prune})(fn)
 
 
+@triton.jit
+def _ld(ptrs, mask, EVEN: tl.constexpr):
+    """Load as fp32; EVEN: every address in bounds, so no mask (measurably faster for the tiny step)."""
+    if EVEN:
+        return tl.load(ptrs).to(tl.float32)
+    else:
+        return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _st(ptrs, val, mask, EVEN: tl.constexpr):
+    if EVEN:
+        tl.store(ptrs, val.to(ptrs.dtype.element_ty))
+    else:
+        tl.store(ptrs, val.to(ptrs.dtype.element_ty), mask=mask)
+
+
 @_step_autotune
 @triton.jit
 def _step_kernel(
@@ -58,53 +75,32 @@ def _step_kernel(
     pid_b = tl.program_id(1).to(tl.int64)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, NP)
+    d_ok = offs_d < d_inner
+    n_ok = offs_n < N
+    m = d_ok[:, None] & n_ok[None, :]
     s_ptrs = state_ptr + pid_b * s_sb + offs_d[:, None] * s_sd + offs_n[None, :]
-    a_ptrs = A_ptr + offs_d[:, None] * N + offs_n[None, :]
-    if EVEN:
-        s = tl.load(s_ptrs).to(tl.float32)
-        x = tl.load(x_ptr + pid_b * s_xb + offs_d).to(tl.float32)
-        dt = tl.load(dt_ptr + pid_b * s_tb + offs_d).to(tl.float32)
-        if HAS_BIAS:
-            dt += tl.load(bias_ptr + offs_d).to(tl.float32)
-        A2 = tl.load(a_ptrs).to(tl.float32) * LOG2E
-        Bv = tl.load(B_ptr + pid_b * s_Bb + offs_n).to(tl.float32)
-        Cv = tl.load(C_ptr + pid_b * s_Cb + offs_n).to(tl.float32)
-        if HAS_D:
-            Dv = tl.load(D_ptr + offs_d).to(tl.float32)
-        if HAS_Z:
-            z = tl.load(z_ptr + pid_b * s_zb + offs_d).to(tl.float32)
-    else:
-        d_ok = offs_d < d_inner
-        n_ok = offs_n < N
-        m = d_ok[:, None] & n_ok[None, :]
-        s = tl.load(s_ptrs, mask=m, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + pid_b * s_xb + offs_d, mask=d_ok, other=0.0).to(tl.float32)
-        dt = tl.load(dt_ptr + pid_b * s_tb + offs_d, mask=d_ok, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            dt += tl.load(bias_ptr + offs_d, mask=d_ok, other=0.0).to(tl.float32)
-        A2 = tl.load(a_ptrs, mask=m, other=0.0).to(tl.float32) * LOG2E
-        Bv = tl.load(B_ptr + pid_b * s_Bb + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        Cv = tl.load(C_ptr + pid_b * s_Cb + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        if HAS_D:
-            Dv = tl.load(D_ptr + offs_d, mask=d_ok, other=0.0).to(tl.float32)
-        if HAS_Z:
-            z = tl.load(z_ptr + pid_b * s_zb + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+    s = _ld(s_ptrs, m, EVEN)
+    x = _ld(x_ptr + pid_b * s_xb + offs_d, d_ok, EVEN)
+    dt = _ld(dt_ptr + pid_b * s_tb + offs_d, d_ok, EVEN)
+    if HAS_BIAS:
+        dt += _ld(bias_ptr + offs_d, d_ok, EVEN)
+    A2 = _ld(A_ptr + offs_d[:, None] * N + offs_n[None, :], m, EVEN) * LOG2E
+    Bv = _ld(B_ptr + pid_b * s_Bb + offs_n, n_ok, EVEN)
+    Cv = _ld(C_ptr + pid_b * s_Cb + offs_n, n_ok, EVEN)
+    if HAS_D:
+        Dv = _ld(D_ptr + offs_d, d_ok, EVEN)
+    if HAS_Z:
+        z = _ld(z_ptr + pid_b * s_zb + offs_d, d_ok, EVEN)
     if SOFTPLUS:
         dt = _softplus(dt)
     s = s * tl.exp2(dt[:, None] * A2) + (dt * x)[:, None] * Bv[None, :]
-    if EVEN:
-        tl.store(s_ptrs, s.to(state_ptr.dtype.element_ty))
-    else:
-        tl.store(s_ptrs, s.to(state_ptr.dtype.element_ty), mask=m)
+    _st(s_ptrs, s, m, EVEN)
     y = tl.sum(s * Cv[None, :], axis=1)
     if HAS_D:
         y += Dv * x
     if HAS_Z:
         y = y * (z * _sigmoid(z))
-    if EVEN:
-        tl.store(y_ptr + pid_b * s_yb + offs_d, y.to(y_ptr.dtype.element_ty))
-    else:
-        tl.store(y_ptr + pid_b * s_yb + offs_d, y.to(y_ptr.dtype.element_ty), mask=d_ok)
+    _st(y_ptr + pid_b * s_yb + offs_d, y, d_ok, EVEN)
 
 
 def step_supported(state: torch.Tensor, x: torch.Tensor) -> bool:
