@@ -133,23 +133,20 @@ def local_to_utc(tz: str) -> Callable[[pl.Series], pl.Series]:
         t = t_s.fill_null(0).to_numpy()
         hour = t // _HOUR_US
         seen = hour[valid]
-        lo, hi = (int(seen.min()), int(seen.max())) if len(seen) else (0, 0)
-        if not len(seen):
-            ok, utc = valid, t
-        elif hi - lo < max(len(t), 1024):
+        ok, utc = valid, t  # no time in the batch: all null
+        if len(seen) and seen.max() - seen.min() < max(len(t), 1024):
             # the batch's hours fit a table no longer than the batch (the usual case: a log's rows are roughly in
             # time order): looked up by position, a tenth of the cost of a hash lookup per row
-            first, off, reg = dense(lo, hi)
+            first, off, reg = dense(int(seen.min()), int(seen.max()))
             idx = np.where(valid, hour - first, 0)
-            ok = valid & reg[idx]
-            utc = t - off[idx]
-        else:
+            ok, utc = valid & reg[idx], t - off[idx]
+        elif len(seen):
             hours = pl.Series(np.unique(seen) * _HOUR_US)
-            o = (pl.Series(hour * _HOUR_US)).replace_strict(hours, offsets(hours), default=None)
-            ok = valid & o.is_not_null().to_numpy()
-            utc = t - o.fill_null(0).to_numpy()
+            o = pl.Series(hour * _HOUR_US).replace_strict(hours, offsets(hours), default=None)
+            ok, utc = valid & o.is_not_null().to_numpy(), t - o.fill_null(0).to_numpy()
         ts = pl.Series(local.name, utc).cast(pl.Datetime("us")).dt.replace_time_zone("UTC")
-        ts = pl.select(pl.when(pl.lit(pl.Series(ok))).then(pl.lit(ts))).to_series() if not ok.all() else ts
+        if not ok.all():  # rows not converted here: null (the odd ones are filled in below)
+            ts = ts.scatter(np.flatnonzero(~ok), None)
         flags = np.zeros(len(t), dtype=bool)
         out = pl.DataFrame({"ts_e": ts, "ts_l": ts, "_amb": flags, "_nonexist": flags})
         odd = np.flatnonzero(valid & ~ok)  # hours with a clock change inside: row by row
