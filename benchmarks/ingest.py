@@ -498,11 +498,10 @@ def render(results: list[dict], meta: dict, load: tuple[float, float]) -> str:
                  "revision, after the local-time change): medians 5.04x, 5.21x, 4.73x and 5.02x. The median of all "
                  "twelve pairs clears 5x by ~1% while single pairs spread from 4.5x to 6.1x (pandas 79.6-95.5 s, "
                  "ours 15.7-19.0 s), so the target is at the edge of this host's noise, not met with a margin. "
-                 "Earlier "
-                 "hosts: session 2 (AMD EPYC) 5.5x / 4.5x; session 3 (AMD EPYC, slower) 3.7x / 3.9x / 4.0x; "
+                 "Earlier hosts: session 2 (AMD EPYC) 5.5x / 4.5x; session 3 (AMD EPYC, slower) 3.7x / 3.9x / 4.0x; "
                  "session 4 (Intel Xeon) 3.9x / 3.2x / 3.9x; session 5 (Intel Xeon, this code) 4.0x / 4.1x / 3.8x "
-                 "with ours 17.8-20.0 s and pandas 68.6-80.8 s. So the target is met on this host and was not on "
-                 "session 5's Intel host, where pandas ran ~20% faster and ours about as fast as here.")
+                 "with ours 17.8-20.0 s and pandas 68.6-80.8 s: there pandas ran ~20% faster and ours about as fast "
+                 "as here.")
     return "\n".join(lines)
 
 
