@@ -134,7 +134,7 @@ def _sorted(df: pl.DataFrame, key: list[str]) -> pl.DataFrame:
         df = df.sort("sensor", maintain_order=True)
     if _in_order(df, key):
         return df
-    return df.sort([*key, "_file", "_line"])
+    return df.sort([*key, "_file", "_line"], maintain_order=True)
 
 
 def _in_order(df: pl.DataFrame, key: list[str]) -> bool:
