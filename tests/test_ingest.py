@@ -10,11 +10,13 @@ import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 
 from pipelines.config import PlantConfig, load_plant_config
 from pipelines.ingest import IngestReport, SourceResult, format_table, ingest_source, scan_store, write_report
+from pipelines.ingest import run as run_mod
 
 SENSORS_TOML = """
 [equipment_types.pump]
@@ -176,6 +178,39 @@ def test_month_and_chunk_boundaries_join_seamlessly(tmp_path, monkeypatch, chunk
     assert df["timestamp"].diff().drop_nulls().unique().to_list() == [timedelta(minutes=1)]
     assert sorted(p.parent.name for p in cfg.store.rglob("*.parquet")) == [  # one file per UTC month
         "month=2024-01", "month=2024-02", "month=2024-03"]
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 2500])
+def test_chunks_of_logs_out_of_time_order_give_the_store_of_one_chunk(tmp_path, monkeypatch, chunk_bytes):
+    """An equipment's staged rows (one file per log, all its periods) are read a chunk of periods at a time as
+    row ranges of each file from the first row of the chunk's periods to the last, filtered to those periods:
+    logs out of time order (here shuffled and split over two files, a period's rows interleaved with the
+    others') give the same store, counts and quarantine as reading everything at once."""
+    rows = [(f"2024-{m:02d}-{d:02d} {h:02d}:{mi:02d}:00", eq, (m * d + h + mi) % 97, 1 + mi % 3)
+            for eq in ("P1", "P2") for m in (1, 2, 3, 4) for d in (3, 17, 28) for h in (0, 11) for mi in (0, 5)]
+    rows += [rows[7], ("2024-02-17 11:05:00", "P1", 1000, 1), ("junk", "P1", 1, 1)]  # duplicate, conflict, bad
+    shuffled = [rows[i] for i in np.random.default_rng(5).permutation(len(rows))]
+    seen = []  # the chunks of each equipment
+    orig = run_mod._chunks
+    monkeypatch.setattr(run_mod, "_chunks", lambda folders: seen.append(orig(folders)) or seen[-1])
+    results = {}
+    for name, bytes_ in (("one chunk", 1 << 30), ("chunked", chunk_bytes)):
+        monkeypatch.setattr(run_mod, "CHUNK_BYTES", bytes_)
+        seen.clear()
+        root = tmp_path / name.replace(" ", "_")
+        cfg = plant(root, max_ffill=1)
+        write_raw(root, "a.csv", wide_csv(shuffled[: len(rows) // 2]))
+        write_raw(root, "b.csv", wide_csv(shuffled[len(rows) // 2:]))
+        r = ingest(cfg)
+        q = quarantine(r).with_columns(pl.col("file").str.split("/").list.last()).sort("file", "line")
+        results[name] = (store(cfg), q, r.report.deduplicated, r.report.quarantined, r.report.kept)
+    # the chunks really are several (periods of 32 days: January to April is four), their row ranges overlap
+    assert len(seen) == 2 and all(len(c) >= 2 and c[0].periods is not None for c in seen)
+    assert any(c[0].slices[0][2] > 0 and c[1].slices[0][1] < c[0].slices[0][1] + c[0].slices[0][2] for c in seen)
+    one, chunked = results["one chunk"], results["chunked"]
+    assert one[0].height > 0 and one[0].equals(chunked[0])
+    assert one[1].equals(chunked[1]) and one[2:] == chunked[2:]
+    assert one[2] == 1 and one[3] == 3  # the duplicate; both versions of the conflict and the junk row
 
 
 def test_worker_processes_give_the_same_result(tmp_path):

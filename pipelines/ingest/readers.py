@@ -1,10 +1,10 @@
 """Stage A: read one log file (csv | parquet, wide | long) into cleaned, staged Arrow IPC files, streaming.
 
-Each file is scanned lazily and sunk to ``<staging>/_part=<equipment>/_period=<n>/*.ipc`` (rejected rows
-under a reserved partition; ``n`` counts 32-day periods since 1970, UTC), so memory stays bounded however
-large the file: stage B then works on one equipment and a few periods at a time. Staged columns:
+Each file is scanned lazily and sunk to ``<staging>/_part=<equipment>/*.ipc`` (rejected rows under a
+reserved partition), so memory stays bounded however large the file: stage B then works on one equipment and a
+few periods at a time (``_period`` counts 32-day periods since 1970, UTC). Staged columns:
 
-    _file Int32, _line Int64 (1-based line in the file; data rows of a parquet file count from 1),
+    _period Int32, _file Int32, _line Int64 (1-based line in the file; data rows of a parquet file count from 1),
     _reason Enum (null for usable rows), ts_e / ts_l Datetime[us, UTC] (earlier / later reading of a
     repeated local time; ts_l is null elsewhere), _amb Boolean (the equipment id is the partition key),
     wide: <sensor> Float64 and <sensor>__why UInt8 per sensor of the equipment type;
@@ -53,13 +53,9 @@ class StagedFile:
     sensors_seen: set[str] = field(default_factory=set)
     not_numeric: dict[str, int] = field(default_factory=dict)  # column -> first line with text in it
 
-    def partitions(self) -> dict[tuple[str, int], Path]:
-        """Staged partition folders by (equipment id, period number); rejected rows under (REJECTED, 0)."""
-        out = {}
-        for d in sorted(self.dir.glob("_part=*/_period=*")):
-            if d.is_dir():
-                out[(unquote(d.parent.name.split("=", 1)[1]), int(d.name.split("=", 1)[1]))] = d
-        return out
+    def partitions(self) -> dict[str, Path]:
+        """Staged partition folders by equipment id; rejected rows under REJECTED."""
+        return {unquote(d.name.split("=", 1)[1]): d for d in sorted(self.dir.glob("_part=*")) if d.is_dir()}
 
 
 # --- CSV header and raw-line checks --------------------------------------------------------------------
@@ -470,7 +466,7 @@ def _stage(info: StagedFile, lf: pl.LazyFrame, schema: dict[str, pl.DataType], n
             warnings.simplefilter("ignore")  # PartitionBy is marked unstable
             # staging is temporary: uncompressed Arrow IPC (cheaper to write than parquet, read back mapped), rows
             # in any order (stage B sorts them by time, file and line)
-            sink = staged.sink_ipc(pl.PartitionBy(info.dir, key=["_part", "_period"], include_key=False),
+            sink = staged.sink_ipc(pl.PartitionBy(info.dir, key=["_part"], include_key=False),
                                    mkdir=True, compression="uncompressed", maintain_order=False, lazy=True)
             # the counts for the report and the file-level checks come from the same pass over the file
             # (columns the reader parsed as numbers hold no text: nothing to count there)

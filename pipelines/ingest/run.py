@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
 from pipelines.config import EquipmentType, PlantConfig, SourceConfig
@@ -83,14 +84,14 @@ def ingest_source(cfg: PlantConfig, src: SourceConfig, watermark: SourceWatermar
         _check_batch(src, etype.sensor_names, [s for s, p in zip(staged, to_read) if p.skip_rows == 0],
                      [s.name for s in etype.sensors if s.required])
 
-        chunks: dict[str, dict[int, list[Path]]] = {}  # equipment -> period -> staged folders
+        chunks: dict[str, list[Path]] = {}  # equipment -> staged folders (one per file)
         rejected: list[Path] = []
         for info in staged:
-            for (eq, period), d in info.partitions().items():
+            for eq, d in info.partitions().items():
                 if eq == REJECTED:
                     rejected.append(d)
                 else:
-                    chunks.setdefault(eq, {}).setdefault(period, []).append(d)
+                    chunks.setdefault(eq, []).append(d)
         quarantine = [
             pl.scan_ipc([str(f) for d in rejected for f in sorted(d.glob(STAGED))]).select("_file", "_line", "_reason")
             .filter(pl.col("_reason") != "blank").collect()
@@ -101,7 +102,7 @@ def ingest_source(cfg: PlantConfig, src: SourceConfig, watermark: SourceWatermar
         jobs = [_EquipmentJob(eq, i, _chunks(chunks[eq]), wm.max_ts.get(eq), src, etype, cfg.store,
                               staging / "out")
                 for i, eq in enumerate(sorted(chunks))]
-        n_workers = _workers(workers, sum(n for job in jobs for _, n in job.chunks), len(jobs))
+        n_workers = _workers(workers, sum(c.bytes for job in jobs for c in job.chunks), len(jobs))
         if n_workers > 1:
             pool = pool or _start_pool(n_workers)
             results = list(pool.map(_run_equipment, jobs))
@@ -160,17 +161,51 @@ PARALLEL_MIN_BYTES = 64 << 20  # staged data below this is processed in this pro
 CHUNK_BYTES = 32 << 20  # stage B takes an equipment's consecutive periods together up to this much staged data
 
 
-def _chunks(periods: dict[int, list[Path]]) -> list[tuple[list[str], int]]:
-    """An equipment's staged files grouped into chunks of whole consecutive periods, each of at most CHUNK_BYTES
-    unless one period alone is bigger (the memory bound of stage B); returns [(files, bytes)]."""
-    out: list[tuple[list[str], int]] = []
-    for p in sorted(periods):
-        files = [f for d in periods[p] for f in sorted(d.glob(STAGED))]
-        size = sum(f.stat().st_size for f in files)
-        if out and out[-1][1] + size <= CHUNK_BYTES:
-            out[-1] = (out[-1][0] + [str(f) for f in files], out[-1][1] + size)
+@dataclass
+class _Chunk:
+    """Staged rows of one equipment that stage B takes together: row ranges of staged files (file, first row,
+    rows or None for all) and, when the chunk is a part of them, the periods it keeps (first, last)."""
+
+    slices: list[tuple[str, int, int | None]]
+    bytes: int
+    periods: tuple[int, int] | None = None
+
+    def read(self) -> pl.DataFrame:
+        lf = pl.concat([pl.scan_ipc(f).slice(lo, n) for f, lo, n in self.slices], how="vertical")
+        if self.periods is not None:
+            lf = lf.filter(pl.col("_period").is_between(*self.periods))
+        return lf.drop("_period").collect()
+
+
+def _chunks(folders: list[Path]) -> list[_Chunk]:
+    """An equipment's staged files (one folder per log file) as chunks of whole consecutive periods, each of at
+    most CHUNK_BYTES unless one period alone is bigger (the memory bound of stage B), in time order. Usually one
+    chunk. Otherwise each chunk reads, of every file, the rows from the first to the last of its periods: a log
+    roughly in time order keeps a period's rows together, so each staged row is read about once."""
+    files = [str(f) for d in folders for f in sorted(d.glob(STAGED))]
+    sizes = [os.path.getsize(f) for f in files]
+    if sum(sizes) <= CHUNK_BYTES:
+        return [_Chunk([(f, 0, None) for f in files], sum(sizes))]
+    periods = [pl.scan_ipc(f).select("_period").collect().to_series().to_numpy() for f in files]
+    per_period: dict[int, float] = {}  # period -> staged bytes (rows x the file's bytes per row)
+    for size, p in zip(sizes, periods):
+        values, counts = np.unique(p, return_counts=True)
+        for v, n in zip(values.tolist(), counts.tolist()):
+            per_period[v] = per_period.get(v, 0.0) + n * size / max(len(p), 1)
+    groups: list[tuple[int, int, float]] = []  # (first period, last period, bytes)
+    for v in sorted(per_period):
+        if groups and groups[-1][2] + per_period[v] <= CHUNK_BYTES:
+            groups[-1] = (groups[-1][0], v, groups[-1][2] + per_period[v])
         else:
-            out.append(([str(f) for f in files], size))
+            groups.append((v, v, per_period[v]))
+    out = []
+    for lo, hi, b in groups:
+        slices = []
+        for f, p in zip(files, periods):
+            idx = np.flatnonzero((p >= lo) & (p <= hi))
+            if idx.size:
+                slices.append((f, int(idx[0]), int(idx[-1] - idx[0] + 1)))
+        out.append(_Chunk(slices, int(b), (lo, hi)))
     return out
 
 
@@ -178,7 +213,7 @@ def _chunks(periods: dict[int, list[Path]]) -> list[tuple[list[str], int]]:
 class _EquipmentJob:
     equipment: str
     index: int
-    chunks: list[tuple[list[str], int]]  # (staged files, bytes) of consecutive periods, in time order
+    chunks: list[_Chunk]  # in time order
     mark: datetime | None  # the equipment's watermark
     src: SourceConfig
     etype: EquipmentType
@@ -202,8 +237,8 @@ def _run_equipment(job: _EquipmentJob) -> _EquipmentResult:
     unobserved: set[str] | None = None
     mark = job.mark
     serial = itertools.count()
-    for files, _ in job.chunks:
-        df = pl.scan_ipc(files).collect()
+    for chunk in job.chunks:
+        df = chunk.read()
         try:
             outcome = process_equipment(df, job.src, job.etype, job.equipment, mark, job.store, pending)
         except pl.exceptions.PolarsError as exc:
