@@ -2,6 +2,7 @@
 
     python benchmarks/scan_gpu.py --out DIR [--tune] [--quick] [--mamba-sdist .thirdparty/mamba_ssm-...tar.gz]
     python benchmarks/scan_gpu.py --render benchmarks/results/scan_gpu.json   # rewrite BENCHMARKS.md's section
+    python benchmarks/scan_gpu.py --ab plan --out DIR [--shapes ...] [--budget-s S]   # same-call config A/B
 
 Order of work: (1) start building mamba-ssm's CUDA selective_scan extension (sm_90 only) in the background from
 the PyPI sdist, (2) measure the card's ceilings in this run: copy bandwidth (big device copy, read + write
@@ -311,6 +312,8 @@ def rel(a, b) -> float:
 
 def poison(nbytes: int) -> None:
     """Fill free allocator memory with NaN so that outputs the kernels fail to write stay NaN."""
+    if not torch.cuda.is_available():
+        return
     torch.cuda.empty_cache()
     free = torch.cuda.mem_get_info()[0]
     n = int(min(nbytes, free * 0.9)) // 4
@@ -320,9 +323,8 @@ def poison(nbytes: int) -> None:
 
 
 # -------------------------------------------------------------------------------------------------- config
-def make_inputs(b, d, L, n, dtype, seed):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    dev = "cuda"
+def make_inputs(b, d, L, n, dtype, seed, dev="cuda"):
+    g = torch.Generator(device=dev).manual_seed(seed)
     u = torch.randn(b, d, L, device=dev, generator=g).to(dtype)
     delta = (torch.rand(b, d, L, device=dev, generator=g) * 2.0 - 1.0).to(dtype) * 0.5
     z = torch.randn(b, d, L, device=dev, generator=g).to(dtype)
@@ -496,9 +498,10 @@ def precompile_worker(spec: dict) -> None:
     dtype = getattr(torch, spec["dtype"])
     b, d = spec.get("b", 2), spec.get("d", 208)
     for n_seg in spec.get("n_segs", (1, 3)):
-        ts._CONFIG_OVERRIDE["fwd"] = {**spec["fwd"], "n_seg": n_seg}
-        ts._CONFIG_OVERRIDE["bwd"] = {**spec["bwd"], "n_seg": n_seg}
-        inp = make_inputs(b, d, spec["L"], 16, dtype, seed=n_seg)
+        # n_seg None: the segment counts given in spec["fwd"] / spec["bwd"] (e.g. --ab's resolved configs)
+        ts._CONFIG_OVERRIDE["fwd"] = {**spec["fwd"], **({} if n_seg is None else {"n_seg": n_seg})}
+        ts._CONFIG_OVERRIDE["bwd"] = {**spec["bwd"], **({} if n_seg is None else {"n_seg": n_seg})}
+        inp = make_inputs(b, d, spec["L"], 16, dtype, seed=n_seg or 5)
         if spec["opts"] == "none":
             kw = dict(delta_softplus=False)
         else:
@@ -703,6 +706,229 @@ def reference_and_compile(out: dict, with_compile: bool = True) -> None:
     out["reference"] = rows
 
 
+# ------------------------------------------------------------------------------------------------ config A/B
+ONE_LANE_FWD = {"G": 1, "BLOCK_D": 32, "T": 8, "STAGES": 3, "num_warps": 1, "N_POLY": 2}
+
+# Session 7's planned same-call A/B at the issue-5 misses (8 x 1536; docs/notes/triton_scan_notes.md). Variants
+# override _pick_config's "fwd" / "bwd" configs on top of each shape's defaults ("default" is always run first);
+# "L" / "dtype" limit a variant to those shapes. "train" = forward with checkpoints + backward, "fwd" = inference.
+AB_PLAN = {
+    "shapes": "8x1536x2048:bfloat16,8x1536x8192:bfloat16,8x1536x2048:float32,8x1536x8192:float32",
+    "profile": True,
+    "train": {
+        "ck32": {"bwd": {"CK": 32}},
+        "ck16": {"bwd": {"CK": 16}},
+        "ck16_s16": {"bwd": {"CK": 16, "n_seg": 16}},
+        "s11": {"bwd": {"n_seg": 11}, "L": [2048]},
+        "s5": {"bwd": {"n_seg": 5}, "L": [2048]},
+        "ck32_s11": {"bwd": {"CK": 32, "n_seg": 11}, "L": [2048]},
+        "ck16_s11": {"bwd": {"CK": 16, "n_seg": 11}, "L": [2048]},
+        "ck16_s22": {"bwd": {"CK": 16, "n_seg": 22}, "L": [8192]},
+        "ck16_fwd_one8": {"bwd": {"CK": 16}, "fwd": {**ONE_LANE_FWD, "n_seg": 8}, "L": [2048],
+                          "dtype": ["bfloat16"]},
+        "ck16_fwd_split": {"bwd": {"CK": 16}, "fwd": {**SPLIT_FWD, "num_warps": 1, "n_seg": 1}, "L": [2048],
+                           "dtype": ["float32"]},
+    },
+    "fwd": {
+        "one8": {"fwd": {**ONE_LANE_FWD, "n_seg": 8}, "L": [2048], "dtype": ["bfloat16"]},
+        "one11": {"fwd": {**ONE_LANE_FWD, "n_seg": 11}, "L": [2048]},
+        "one16": {"fwd": {**ONE_LANE_FWD, "n_seg": 16}},
+        "one22": {"fwd": {**ONE_LANE_FWD, "n_seg": 22}, "L": [8192]},
+        "split": {"fwd": {**SPLIT_FWD, "num_warps": 1, "n_seg": 1}, "dtype": ["float32"]},
+        "split_8k": {"fwd": {**SPLIT_FWD, "num_warps": 1, "n_seg": 1}, "L": [8192], "dtype": ["bfloat16"]},
+    },
+}
+
+
+def parse_shapes(text: str) -> list[tuple[int, int, int, torch.dtype]]:
+    """'BxDxL:dtype,...' -> [(b, d, L, dtype), ...]."""
+    shapes = []
+    for item in text.split(","):
+        dims, dt = item.strip().split(":")
+        b_, d_, L_ = (int(v) for v in dims.split("x"))
+        shapes.append((b_, d_, L_, getattr(torch, dt)))
+    return shapes
+
+
+def ab_variants(plan: dict, kind: str, L: int, dtype: torch.dtype) -> dict[str, dict]:
+    """The plan's variants of `kind` that apply to this shape, as _CONFIG_OVERRIDE dicts, "default" first."""
+    name = str(dtype).replace("torch.", "")
+    out = {"default": {}}
+    for key, v in plan.get(kind, {}).items():
+        if L in v.get("L", [L]) and name in v.get("dtype", [name]):
+            out[key] = {k: dict(v[k]) for k in ("fwd", "bwd") if k in v}
+    return out
+
+
+def _ab_set(override: dict) -> None:
+    from kernels import triton_scan as ts
+
+    ts._CONFIG_OVERRIDE.clear()
+    ts._CONFIG_OVERRIDE.update({k: dict(v) for k, v in override.items()})
+
+
+def ab_precompile_specs(plan: dict, shapes) -> list[dict]:
+    """One worker spec per distinct resolved (fwd, bwd) config: each variant's full configs at each shape, run by
+    precompile_worker on a small problem (segment counts kept, so LOCAL passes compile where the shape has them)."""
+    from kernels import triton_scan as ts
+
+    specs, seen = [], set()
+    for (b, d, L, dtype) in shapes:
+        for kind in ("fwd", "train"):
+            for ov in ab_variants(plan, kind, L, dtype).values():
+                _ab_set(ov)
+                fwd = ts._pick_config(b, d, L, dtype, torch.device("cuda"), backward=False)
+                bwd = ts._pick_config(b, d, L, dtype, torch.device("cuda"), backward=True)
+                fwd["n_seg"], bwd["n_seg"] = min(fwd["n_seg"], 3), min(bwd["n_seg"], 3)
+                spec = {"dtype": str(dtype).replace("torch.", ""), "opts": "all", "L": 1024, "fwd": fwd,
+                        "bwd": bwd, "grad": kind == "train", "n_segs": [None]}
+                key = json.dumps(spec, sort_keys=True)
+                if key not in seen:
+                    seen.add(key)
+                    specs.append(spec)
+    _ab_set({})
+    trained = {(sp["dtype"], json.dumps(sp["fwd"], sort_keys=True)) for sp in specs if sp["grad"]}
+    # a training worker compiles the inference forward of its config too
+    return [sp for sp in specs if sp["grad"] or (sp["dtype"], json.dumps(sp["fwd"], sort_keys=True)) not in trained]
+
+
+def _ab_time(fns: dict, rounds: int, per: int) -> dict:
+    """Median / min / max ms of each fn over `rounds` interleaved rounds of `per` calls (CUDA events; on the CPU,
+    under the interpreter, one wall-clock call each: a smoke run, not a timing)."""
+    cuda = torch.cuda.is_available()
+    res = {k: [] for k in fns}
+    for _ in range(rounds if cuda else 1):
+        for k, (ov, fn) in fns.items():
+            _ab_set(ov)
+            if not cuda:
+                t0 = time.perf_counter()
+                fn()
+                res[k].append((time.perf_counter() - t0) * 1e3)
+                continue
+            fn()
+            torch.cuda.synchronize()
+            for _ in range(per):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn()
+                b.record()
+                b.synchronize()
+                res[k].append(a.elapsed_time(b))
+    _ab_set({})
+    return {k: {"median_ms": statistics.median(v), "min_ms": min(v), "max_ms": max(v), "n": len(v)}
+            for k, v in res.items()}
+
+
+def ab_shape(b, d, L, dtype, plan: dict, dev: str = "cuda") -> dict:
+    """Check every variant (poisoned outputs, fresh inputs: inference y / final state vs the fp64 oracle on sampled
+    channels and vs the default on everything; training y and all 8 gradients vs the default), then time the
+    variants that passed in interleaved rounds: inference forward, forward with checkpoints, forward + backward."""
+    from kernels import triton_scan as ts
+
+    tag = f"{b}x{d}x{L}:{str(dtype).replace('torch.', '')}"
+    inp = make_inputs(b, d, L, 16, dtype, seed=b * 1000003 + d * 101 + L + 7, dev=dev)
+    kw = dict(D=inp["D"], z=inp["z"], delta_bias=inp["delta_bias"], delta_softplus=True)
+    u, delta, A, B, C = (inp[k] for k in ("u", "delta", "A", "B", "C"))
+    tol = TOL[dtype]
+    tol_ab = 1e-3 if dtype == torch.bfloat16 else 1e-5       # vs the default: rounding-level differences only
+    el, esz = b * d * L, u.element_size()
+    rec = {"shape": tag, "checks": {}, "fwd": {}, "fwd_ck": {}, "train": {}}
+    gen = torch.Generator().manual_seed(L + d)
+    bi = torch.randint(0, b, (8,), generator=gen).to(dev)
+    di = torch.cat([torch.randint(0, d, (7,), generator=gen), torch.tensor([d - 1])]).to(dev)
+    yr, hr = chunked_reference(u, delta, A, B, C, inp["D"], inp["z"], inp["delta_bias"], (bi, di))
+    fv, ok_f, base = ab_variants(plan, "fwd", L, dtype), {}, None
+    for name, ov in fv.items():
+        _ab_set(ov)
+        poison(8 * el * esz)
+        y, hT = ts.selective_scan_triton(u, delta, A, B, C, **kw, return_final_state=True)
+        base = base or (y.clone(), hT.clone())
+        e = {"oracle_y": rel(y[bi, di], yr), "oracle_h": rel(hT[bi, di], hr), "y": rel(y, base[0]),
+             "h": rel(hT, base[1])}
+        ok_f[name] = (all_finite(y) and e["oracle_y"] < tol and e["oracle_h"] < tol and e["y"] < tol_ab
+                      and e["h"] < tol_ab)
+        rec["checks"]["fwd " + name] = {**{k: float(f"{v:.2e}") for k, v in e.items()}, "ok": ok_f[name]}
+        del y, hT
+    del base
+    tv, ok_t, base = ab_variants(plan, "train", L, dtype), {}, None
+    names = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
+    leaves = {k: inp[k].detach().clone().requires_grad_() for k in names}
+    dout = torch.randn_like(u)
+
+    def fb():
+        for v in leaves.values():
+            v.grad = None
+        yy = ts.selective_scan_triton(leaves["u"], leaves["delta"], leaves["A"], leaves["B"], leaves["C"],
+                                      D=leaves["D"], z=leaves["z"], delta_bias=leaves["delta_bias"],
+                                      delta_softplus=True)
+        yy.backward(dout)
+        return yy
+
+    for name, ov in tv.items():
+        _ab_set(ov)
+        poison(10 * el * esz)
+        got = {"y": fb().detach(), **{k: leaves[k].grad.detach().clone() for k in names}}
+        base = base or got
+        e = {k: rel(got[k], base[k]) for k in got}
+        ok_t[name] = all(all_finite(t) for t in got.values()) and all(
+            v < (tol_ab if k in ("y", "u", "delta", "z") else 10 * tol_ab) for k, v in e.items())
+        rec["checks"]["train " + name] = {**{k: float(f"{v:.1e}") for k, v in e.items()}, "ok": ok_t[name]}
+        del got
+    del base
+    _ab_set({})
+    print(tag, "checks", json.dumps(rec["checks"]), flush=True)
+    rec["fwd"] = _ab_time({k: (ov, lambda: ts.selective_scan_triton(u, delta, A, B, C, **kw))
+                           for k, ov in fv.items() if ok_f[k]}, rounds=6, per=5)
+    with torch.no_grad():
+        rec["fwd_ck"] = _ab_time({k: (ov, lambda: ts._forward(u, delta, A, B, C, inp["D"], inp["z"],
+                                                               inp["delta_bias"], None, True, True))
+                                  for k, ov in tv.items() if ok_t[k]}, rounds=4, per=5)
+    rec["train"] = _ab_time({k: (ov, fb) for k, ov in tv.items() if ok_t[k]}, rounds=6, per=4)
+    for part in ("fwd", "fwd_ck", "train"):
+        t0 = rec[part].get("default", {}).get("median_ms")
+        for k, t in rec[part].items():
+            sp = f"{t0 / t['median_ms']:.3f}x" if t0 else "-"
+            print(f"{tag} {part:6s} {k:16s} {fmt_t(t)} {sp}", flush=True)
+    if plan.get("profile") and torch.cuda.is_available():
+        from torch.profiler import ProfilerActivity, profile
+
+        fb()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fb()
+            torch.cuda.synchronize()
+        rows = sorted(((getattr(ev, "device_time_total", 0) or getattr(ev, "cuda_time_total", 0), ev.count,
+                        ev.key[:70]) for ev in prof.key_averages()), reverse=True)
+        rec["profile_default_train_us"] = [r for r in rows if r[0] > 0][:12]
+        for t, c, k in rec["profile_default_train_us"]:
+            print(f"{tag} profile {t / 1e3:8.3f} ms x{c} {k}", flush=True)
+    return rec
+
+
+def run_ab(plan: dict, out_dir: Path, budget_s: float) -> None:
+    """--ab: precompile the plan's variants in parallel workers, then check and time them shape by shape."""
+    t0 = time.perf_counter()
+    shapes = parse_shapes(plan["shapes"])
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cuda":
+        workers = start_precompile(ab_precompile_specs(plan, shapes))
+        fails = [w.communicate()[1].decode()[-1500:] for w in workers]
+        fails = [f for f, w in zip(fails, workers) if w.returncode != 0]
+        print(f"precompiled {len(workers)} configs, {len(fails)} failed, {time.perf_counter() - t0:.0f}s", flush=True)
+        for f in fails[:2]:
+            print("PRECOMPILE FAILURE:", f, flush=True)
+    res = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu (interpreter smoke run)",
+           "date": time.strftime("%Y-%m-%d %H:%M"), "plan": plan, "shapes": []}
+    for sh in shapes:
+        if time.perf_counter() - t0 > budget_s:
+            print("time budget reached before", sh, flush=True)
+            break
+        res["shapes"].append(ab_shape(*sh, plan, dev=dev))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "ab.json").write_text(json.dumps(res, indent=1, default=str))
+    print(f"ab done {time.perf_counter() - t0:.0f}s", flush=True)
+
+
 # -------------------------------------------------------------------------------------------------- report
 def fmt_t(t):
     if not t:
@@ -812,6 +1038,8 @@ def main() -> None:
     ap.add_argument("--merge", type=Path, help="with --render: add this second call's shapes to the table")
     ap.add_argument("--shapes", help="only these shapes, in this order: comma-separated BxDxL:dtype, e.g. "
                     "8x1536x32768:bfloat16,1x1536x1048576:float32")
+    ap.add_argument("--ab", help="config A/B instead of the benchmark: 'plan' (AB_PLAN) or a JSON file of that form; "
+                    "--shapes overrides its shapes; writes ab.json to --out")
     ap.add_argument("--precompile-worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.precompile_worker:
@@ -823,17 +1051,19 @@ def main() -> None:
             res = merge_results(res, json.loads(args.merge.read_text()))
         write_section(ROOT / "BENCHMARKS.md", "scan_gpu", render(res))
         return
+    if args.ab:
+        plan = dict(AB_PLAN) if args.ab == "plan" else json.loads(Path(args.ab).read_text())
+        if args.shapes:
+            plan["shapes"] = args.shapes
+        run_ab(plan, args.out, args.budget_s)
+        return
     done = json.loads(args.skip_done.read_text()) if args.skip_done else None
     t_start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     proc = None if args.no_mamba else start_mamba_build(args.mamba_sdist, args.work)
     shapes = all_shapes()
     if args.shapes:
-        shapes = []
-        for item in args.shapes.split(","):
-            dims, dt = item.strip().split(":")
-            b_, d_, L_ = (int(v) for v in dims.split("x"))
-            shapes.append((b_, d_, L_, getattr(torch, dt)))
+        shapes = parse_shapes(args.shapes)
     workers = start_precompile(precompile_specs(args.tune, args.lean, shapes))
     import triton
 

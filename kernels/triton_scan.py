@@ -1194,8 +1194,10 @@ def _pick_config(b: int, d: int, L: int, dtype: torch.dtype, device: torch.devic
         # Per-element inputs read 16 bytes per lane at a time (8 bf16 / 4 fp32 steps), gradients collected and
         # written likewise, the next group's inputs loaded at the current group's first tile (LA 4 >= W / T): H200,
         # backward alone, 1.27-1.41x the tile-wide version (loads alone 1.03-1.08x; 8-byte groups 1.22-1.24x bf16).
+        # CK: checkpoint interval (steps) of the state saved by the forward for the backward, which recomputes
+        # inside each chunk; the forward with checkpoints takes it from here (_ck_len), so it can differ by shape.
         cfg = {"BLOCK_D": block_d, "T": T, "num_warps": num_warps, "n_seg": n_seg, "N_POLY": 2,
-               "WB": 16, "WIDE_ST": True, "LA": 4}
+               "WB": 16, "WIDE_ST": True, "LA": 4, "CK": CK_DEFAULT}
     else:
         # Two forward kernels (docs/notes/triton_scan_notes.md, H200):
         # - one lane per channel, all states in the thread (G = 1), its loads left in the loop for Triton's software
@@ -1224,6 +1226,12 @@ def _pick_config(b: int, d: int, L: int, dtype: torch.dtype, device: torch.devic
 
 
 _CONFIG_OVERRIDE: dict[str, dict] = {}
+
+
+def _ck_len(b: int, d: int, L: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Checkpoint interval of the backward's config for this shape: the forward with checkpoints writes the state
+    every this many steps, and the backward must read it at the same spacing (passed along through ctx)."""
+    return int(_pick_config(b, d, L, dtype, device, backward=True).get("CK", CK_DEFAULT))
 
 
 def _lastdim_contig(x: torch.Tensor | None) -> torch.Tensor | None:
@@ -1331,15 +1339,19 @@ def _bc_rows(x: torch.Tensor, NP: int, T: int) -> torch.Tensor:
     return out
 
 
-def _forward(u, delta, A, B, C, D, z, delta_bias, h0, softplus: bool, save_ck: bool):
-    """Launch the forward kernels. Returns y, final_state (b, d, n) fp32, checkpoints (b, n_ck, n, d) or None."""
+def _forward(u, delta, A, B, C, D, z, delta_bias, h0, softplus: bool, save_ck: bool, ck_len: int | None = None):
+    """Launch the forward kernels. Returns y, final_state (b, d, n) fp32, checkpoints (b, n_ck, n, d) or None.
+    ck_len: checkpoint interval when save_ck (default: the backward config's, _ck_len)."""
     b, d, L = u.shape
     n = A.shape[1]
     NP = triton.next_power_of_2(n)
     dev = u.device
     cfg = _pick_config(b, d, L, u.dtype, dev, backward=False)
     G, T, nw = min(cfg.get("G", 1), NP), cfg["T"], cfg["num_warps"]
-    ck_len = CK_DEFAULT
+    if not save_ck:
+        ck_len = CK_DEFAULT                  # only rounds the segment length
+    elif ck_len is None:
+        ck_len = _ck_len(b, d, L, u.dtype, dev)
     seg, n_seg = _seg_len(L, cfg["n_seg"], ck_len)
     n_ck = triton.cdiv(L, ck_len)
     f32 = dict(device=dev, dtype=torch.float32)
@@ -1402,8 +1414,9 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, softplus: bool, save_ck: b
     return y, final, (ck if save_ck else None)
 
 
-def _backward(dout, dfinal, u, delta, A, B, C, D, z, delta_bias, softplus: bool, ck):
-    """Launch the backward kernels. Returns du, ddelta, dz (input dtypes), dA, dB, dC, dD, dbias, dh0 (fp32)."""
+def _backward(dout, dfinal, u, delta, A, B, C, D, z, delta_bias, softplus: bool, ck, ck_len: int | None = None):
+    """Launch the backward kernels. Returns du, ddelta, dz (input dtypes), dA, dB, dC, dD, dbias, dh0 (fp32).
+    ck: the forward's checkpoints, written every ck_len steps (default: this config's CK)."""
     B, C = _n_contig(B), _n_contig(C)
     b, d, L = u.shape
     n = A.shape[1]
@@ -1411,9 +1424,10 @@ def _backward(dout, dfinal, u, delta, A, B, C, D, z, delta_bias, softplus: bool,
     dev = u.device
     cfg = _pick_config(b, d, L, u.dtype, dev, backward=True)
     BD, T, nw = cfg["BLOCK_D"], cfg["T"], cfg["num_warps"]
-    ck_len = CK_DEFAULT
+    ck_len = ck_len or cfg.get("CK", CK_DEFAULT)
     seg, n_seg = _seg_len(L, cfg["n_seg"], ck_len)
     n_ck = ck.shape[1]
+    assert n_ck == triton.cdiv(L, ck_len), (n_ck, L, ck_len)    # checkpoints written at another spacing
     n_db = triton.cdiv(d, BD)
     f32 = dict(device=dev, dtype=torch.float32)
     du = torch.empty((b, d, L), device=dev, dtype=u.dtype)
@@ -1484,10 +1498,12 @@ class _SelectiveScanFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, softplus):
         save = any(ctx.needs_input_grad)
-        y, final, ck = _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, save)
+        ck_len = _ck_len(*u.shape, u.dtype, u.device) if save else None
+        y, final, ck = _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, save, ck_len)
         if save:
             ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ck)
             ctx.softplus = softplus
+            ctx.ck_len = ck_len
             ctx.in_dtypes = tuple(t.dtype if t is not None else None
                                   for t in (A, B, C, D, delta_bias, initial_state))
         ctx.mark_non_differentiable()
@@ -1500,7 +1516,7 @@ class _SelectiveScanFn(torch.autograd.Function):
             dy = torch.zeros_like(u)
         dy = _lastdim_contig(dy)
         du, ddelta, dz, dA, dB, dC, dD, dbias, dh0 = _backward(dy, dfinal, u, delta, A, B, C, D, z, delta_bias,
-                                                               ctx.softplus, ck)
+                                                               ctx.softplus, ck, ctx.ck_len)
         tA, tB, tC, tD, tb, th = ctx.in_dtypes
         return (du, ddelta, dA.to(tA), dB.to(tB), dC.to(tC), dD.to(tD) if dD is not None else None, dz,
                 dbias.to(tb) if dbias is not None else None, dh0.to(th) if th is not None else None, None)

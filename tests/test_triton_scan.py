@@ -202,6 +202,21 @@ def test_backward_all_options(ts, n_seg, ck):
         assert rel(g[k], gr[k]) < 1e-5, k
 
 
+@pytest.mark.parametrize("ck_bwd", [4, 16])
+def test_backward_checkpoint_interval_from_config(ts, ck_bwd):
+    """The backward config's CK, not CK_DEFAULT, sets the spacing at which the forward (with checkpoints) writes the
+    state and the backward reads it: another spacing than CK_DEFAULT, with segments, still gives the reference."""
+    configure(ts, n_seg=2, ck=8)
+    ts._CONFIG_OVERRIDE["bwd"]["CK"] = ck_bwd
+    inp = make(1, 32, 4, 37, seed=30 + ck_bwd)
+    args = [inp[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")]
+    _, _, ck = ts._forward(*args, True, True)
+    assert ck.shape[1] == triton.cdiv(37, ck_bwd)
+    _, _, g, gr = run_both(inp, grads=True)
+    for k in ARGS:
+        assert rel(g[k], gr[k]) < 1e-5, k
+
+
 @pytest.mark.parametrize("n", [8, 16])
 def test_backward_d_state_8_and_16(ts, n):
     """d_state 8 and 16: each warp's dB / dC sums end as one or two values per lane (reduce-scatter over 32 lanes);
