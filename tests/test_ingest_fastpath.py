@@ -9,9 +9,9 @@ import os
 
 import polars as pl
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from test_ingest import LONG, WIDE, ingest, plant, quarantine, store, write_raw
+from test_ingest import LONG, WIDE, ingest, plant, quarantine, store, wide_csv, write_raw
 
 import pipelines.ingest.readers as readers
 
@@ -172,6 +172,50 @@ def test_local_to_utc_batches_share_a_table(tz, day, batches):
         assert got.equals(_polars_local_to_utc(local, tz).select(got.columns))
 
 
+_ZONE_CHANGES = [("Europe/Berlin", "2024-03-31"), ("Europe/Berlin", "2024-10-27"), ("Europe/Berlin", "1996-10-27"),
+                 ("America/New_York", "2024-03-10"), ("America/New_York", "2024-11-03"),
+                 ("Australia/Lord_Howe", "2024-04-07"), ("Australia/Lord_Howe", "2024-10-06"),
+                 ("America/Sao_Paulo", "2018-11-04"), ("America/Sao_Paulo", "2019-02-17"),
+                 ("Asia/Kolkata", "2024-03-31"), ("UTC", "2024-10-27")]
+
+
+@given(st.sampled_from(_ZONE_CHANGES), st.integers(-48, 720), st.integers(0, 1500),
+       st.lists(st.one_of(st.none(), st.integers(-2 * 3_600_000_000, 4 * 3_600_000_000)), max_size=60),
+       st.lists(st.integers(-(10**15), 4 * 10**15), max_size=3))
+@example(("Australia/Lord_Howe", "2024-10-06"), 10, 100, [int(2.75 * 3_600_000_000)], [])  # 02:00-02:30 skipped
+@example(("Australia/Lord_Howe", "2024-04-07"), 10, 100, [int(1.75 * 3_600_000_000)], [])  # 01:30-02:00 twice
+@example(("Europe/Berlin", "2024-10-27"), 10, 100, [int(2.5 * 3_600_000_000), None], [])  # 02:00-03:00 twice
+@example(("Europe/Berlin", "2024-03-31"), 10, 100, [int(2.5 * 3_600_000_000)], [])  # 02:00-03:00 skipped
+@settings(max_examples=300, deadline=None)
+def test_hour_table_conversion_matches_polars(zone_day, before, hours, near, far):
+    """The table lookup in polars (`table_stages`, used when a file's span of hours is known up front) gives polars'
+    row-by-row conversion on every row it converts, and marks (_tzx) exactly the rows outside the table's hours or
+    in an hour whose offset changes inside it (Lord Howe's 30-minute change). Local times fall around a clock
+    change of the zone; the table starts ``before`` hours before that day and ends ``after`` hours after it, so the
+    change is in it or not, and holds ``hours`` + 1 hours."""
+    from datetime import datetime
+
+    from pipelines.ingest.quality import HOUR_OTHER, HourTable, _polars_local_to_utc, table_stages
+
+    tz, day = zone_day
+    start = int((datetime.fromisoformat(day) - datetime(1970, 1, 1)).total_seconds() * 1e6)  # local midnight
+    first = start // 3_600_000_000 - before
+    table = HourTable.build(tz, first, first + hours)
+    values = [None if v is None else start + v for v in near] + far
+    local = pl.Series("t", values, dtype=pl.Int64).cast(pl.Datetime("us"))
+    df = pl.DataFrame({"_parsed": local})
+    for step in table_stages(table):
+        df = df.with_columns(step)
+    hour = (local.cast(pl.Int64) // 3_600_000_000 - table.h0).to_list()
+    n = len(table.kind)
+    other = [h is not None and not (0 <= h < n and table.kind[h] != HOUR_OTHER) for h in hour]
+    assert df["_tzx"].to_list() == other
+    want = _polars_local_to_utc(local, tz)
+    cols = ["ts_e", "ts_l", "_amb", "_nonexist"]
+    keep = ~df["_tzx"]
+    assert df.filter(keep).select(cols).equals(want.filter(keep).select(cols))
+
+
 @given(st.lists(st.tuples(st.one_of(st.none(), st.integers(0, 3)), st.integers(0, 1), st.integers(0, 3)),
                 max_size=12), st.booleans())
 @settings(max_examples=300, deadline=None)
@@ -229,3 +273,45 @@ def test_long_observations_match_a_pivot(rows, extra_category):
     ref = ref.select("timestamp", *[pl.col(s) if s in ref.columns else pl.lit(None, pl.Float64).alias(s)
                                     for s in _SENSORS]).sort("timestamp")
     assert got.equals(ref), (got, ref)
+
+
+@pytest.mark.parametrize("tz, outlier", [("Europe/Berlin", False), ("Europe/Berlin", True),
+                                         ("Australia/Lord_Howe", False)])
+@pytest.mark.parametrize("layout", ["wide", "long"])
+def test_hour_table_staging_matches_the_exact_conversion(tmp_path, monkeypatch, tz, outlier, layout):
+    """Stage A converts local times by an hour table around the first and last line's times when it can; the
+    store, quarantine and report equal those of the exact conversion (the table switched off) for logs crossing
+    both clock changes of the year (a repeated hour written twice in file order, a skipped one), in a zone whose
+    clock moves by 30 minutes (its changing hours are not in the table: staged again, exactly) and with a line
+    far outside the first and last line's times (also staged again)."""
+    days = {"Europe/Berlin": ("2024-03-31", "2024-10-27"), "Australia/Lord_Howe": ("2024-04-07", "2024-10-06")}[tz]
+    stamps = [f"{day} {h:02d}:{m:02d}:00" for day in days for h in range(0, 5) for m in range(0, 60, 10)]
+    stamps += [s for s in stamps if s.startswith(days[1] + " 02:")]  # the repeated hour: its readings again
+    if outlier:
+        stamps.insert(len(stamps) // 2, "2023-01-05 12:00:00")
+    if layout == "wide":
+        text = wide_csv([(s, "P1", i % 50, 1 + i % 7) for i, s in enumerate(stamps)])
+        src = {**WIDE, "timezone": tz, "ambiguous": "infer"}
+    else:
+        pairs = [(i, s, k, tag) for i, s in enumerate(stamps) for k, tag in ((1, "flow"), (3, "pressure"))]
+        text = "tag,timestamp,value,quality\n" + "".join(f"P1.{t},{s},{(i * k) % 50},Good\n" for i, s, k, t in pairs)
+        src = {**LONG, "timezone": tz, "ambiguous": "infer"}
+    tables = []
+    real = readers._stage
+    monkeypatch.setattr(readers, "_stage", lambda *a, **k: tables.append(k.get("table") is not None) or real(*a, **k))
+    results = {}
+    for name in ("table", "exact"):
+        if name == "exact":
+            monkeypatch.setattr(readers, "_hour_table", lambda *a: None)
+        root = tmp_path / name
+        cfg = plant(root, [src])
+        write_raw(root, "a.csv", text)
+        r = ingest(cfg)
+        q = quarantine(r).with_columns(pl.col("file").str.split("/").list.last())
+        results[name] = (store(cfg), q, r.report.kept, r.report.quarantined, r.report.deduplicated)
+    staged_again = tz == "Australia/Lord_Howe" or outlier
+    assert tables == ([True, False, False] if staged_again else [True, False])
+    table, exact = results["table"], results["exact"]
+    assert table[0].height > 0 and table[0].equals(exact[0])
+    assert table[1].equals(exact[1]) and table[2:] == exact[2:]
+    assert table[3] > 0  # the skipped hour's lines

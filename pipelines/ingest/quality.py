@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
@@ -47,13 +48,14 @@ def has_offset(fmt: str | None) -> bool:
     return fmt is not None and any(t in fmt for t in ("%z", "%:z", "%::z", "%#z"))
 
 
-def timestamp_stages(raw: str, src: SourceConfig, dtype: pl.DataType) -> Stages:
+def timestamp_stages(raw: str, src: SourceConfig, dtype: pl.DataType, table: HourTable | None = None) -> Stages:
     """Local text (or datetimes) in column ``raw`` to UTC.
 
     Adds ``_parsed`` (null when the text does not match the format), ``ts_e`` / ``ts_l`` (UTC; the earlier /
     later reading of a local time repeated at DST end, equal elsewhere), ``_amb`` (the local time occurs
     twice) and ``_nonexist`` (it falls in the DST gap). Intermediate results are columns, not repeated
-    expressions, so each parse runs once.
+    expressions, so each parse runs once. With a ``table`` of the zone's hours (local times to convert), the
+    conversion is a lookup in polars and ``_tzx`` marks the rows it could not convert (see `table_stages`).
     """
     col = pl.col(raw)
     no_dst = [pl.lit(False).alias("_amb"), pl.lit(False).alias("_nonexist")]
@@ -76,6 +78,8 @@ def timestamp_stages(raw: str, src: SourceConfig, dtype: pl.DataType) -> Stages:
     if src.timezone == "UTC":
         utc = naive.dt.replace_time_zone("UTC")
         return [[parsed.alias("_parsed")], [utc.alias("ts_e"), utc.alias("ts_l"), *no_dst]]
+    if table is not None:
+        return [[parsed.alias("_parsed")], *table_stages(table)]
     # local -> UTC converts each distinct hour of a batch (its first and last instant), not each row: polars'
     # conversion costs ~110 ns a row and is needed twice (the earlier and the later reading)
     conv = naive.map_batches(local_to_utc(src.timezone), return_dtype=_CONVERTED, is_elementwise=True)
@@ -89,7 +93,7 @@ def timestamp_stages(raw: str, src: SourceConfig, dtype: pl.DataType) -> Stages:
 _CONVERTED = pl.Struct({"ts_e": pl.Datetime("us", "UTC"), "ts_l": pl.Datetime("us", "UTC"), "_amb": pl.Boolean,
                         "_nonexist": pl.Boolean})
 _HOUR_US = 3_600_000_000
-_TABLE_HOURS = 1 << 20  # the largest shared offset table: ~120 years of hours, 9 MB
+TABLE_HOURS = 1 << 20  # the largest shared offset table: ~120 years of hours, 9 MB
 
 
 def local_to_utc(tz: str) -> Callable[[pl.Series], pl.Series]:
@@ -114,13 +118,13 @@ def local_to_utc(tz: str) -> Callable[[pl.Series], pl.Series]:
 
     def dense(lo: int, hi: int) -> tuple[int, np.ndarray, np.ndarray]:
         """The offsets of hours lo..hi, from the table the batches share (grown to cover them when the union
-        stays under _TABLE_HOURS; a log's batches mostly cover the same months)."""
+        stays under TABLE_HOURS; a log's batches mostly cover the same months)."""
         cur = table[0] if table else None  # read once: batches may run on several threads
         if cur is not None:
             cur_lo, cur_hi = cur[0], cur[0] + len(cur[1]) - 1
             if cur_lo <= lo and hi <= cur_hi:
                 return cur
-            if max(hi, cur_hi) - min(lo, cur_lo) < _TABLE_HOURS:
+            if max(hi, cur_hi) - min(lo, cur_lo) < TABLE_HOURS:
                 lo, hi = min(lo, cur_lo), max(hi, cur_hi)
         off = offsets(pl.int_range(lo, hi + 1, dtype=pl.Int64, eager=True) * _HOUR_US)
         entry = (lo, off.fill_null(0).to_numpy(), off.is_not_null().to_numpy())
@@ -156,6 +160,71 @@ def local_to_utc(tz: str) -> Callable[[pl.Series], pl.Series]:
         return out.to_struct(local.name)
 
     return convert
+
+
+HOUR_REGULAR, HOUR_REPEATED, HOUR_SKIPPED, HOUR_OTHER = 0, 1, 2, 3
+
+
+@dataclass(frozen=True, eq=False)
+class HourTable:
+    """The local hours ``h0`` .. ``h0 + len - 1`` of a zone (hours since 1970 of naive local time): per hour its
+    kind and the UTC offsets (us) of the earlier and the later reading of its local times. Kinds: regular (one
+    offset all hour), repeated (the clock was set back: every local time of the hour occurs twice), skipped (the
+    whole hour lies in a gap), other (the offset changes inside the hour: not convertible by the table)."""
+
+    h0: int
+    kind: np.ndarray  # uint8
+    off_e: np.ndarray  # int64
+    off_l: np.ndarray  # int64
+
+    @classmethod
+    def build(cls, tz: str, first_hour: int, last_hour: int) -> HourTable:
+        if last_hour < first_hour:
+            raise ValueError(f"HourTable: expected first_hour <= last_hour, got {first_hour} > {last_hour}")
+        hours = pl.int_range(first_hour, last_hour + 1, dtype=pl.Int64, eager=True) * _HOUR_US
+        a, b = (_polars_local_to_utc(h.cast(pl.Datetime("us")), tz) for h in (hours, hours + _HOUR_US - 1))
+
+        def offset(at: pl.Series, conv: pl.DataFrame, col: str) -> np.ndarray:
+            return (at - conv[col].cast(pl.Int64)).to_numpy()  # NaN where the local time does not exist
+
+        ea, la = offset(hours, a, "ts_e"), offset(hours, a, "ts_l")
+        eb, lb = offset(hours + _HOUR_US - 1, b, "ts_e"), offset(hours + _HOUR_US - 1, b, "ts_l")
+        amb_a, amb_b = a["_amb"].to_numpy(), b["_amb"].to_numpy()
+        gap_a, gap_b = a["_nonexist"].to_numpy(), b["_nonexist"].to_numpy()
+        with np.errstate(invalid="ignore"):
+            same = (ea == eb) & (la == lb)  # False where either is NaN (a gap)
+        kind = np.full(len(hours), HOUR_OTHER, dtype=np.uint8)
+        kind[same & ~amb_a & ~amb_b] = HOUR_REGULAR
+        kind[same & amb_a & amb_b] = HOUR_REPEATED
+        kind[gap_a & gap_b] = HOUR_SKIPPED
+        ok = (kind == HOUR_REGULAR) | (kind == HOUR_REPEATED)
+        return cls(first_hour, kind, np.where(ok, ea, 0).astype(np.int64), np.where(ok, la, 0).astype(np.int64))
+
+
+def table_stages(table: HourTable) -> Stages:
+    """``_parsed`` (naive local) -> ts_e, ts_l, _amb, _nonexist by looking each row's hour up in ``table``, all in
+    polars (the batch conversion of `local_to_utc` runs Python per batch and holds the GIL: ~5x the CPU). ``_tzx``
+    marks rows the table cannot convert (outside its hours, or in an hour whose offset changes inside it): the
+    caller converts the file again the exact way when there are any."""
+    n = len(table.kind)
+    t = pl.col("_parsed").cast(pl.Int64)
+    hour = pl.col("_th")
+    i = hour.clip(0, n - 1)
+    kind = pl.col("_tk")
+
+    def utc(offsets: np.ndarray) -> pl.Expr:
+        return (t - pl.lit(pl.Series(offsets)).gather(i)).cast(pl.Datetime("us", "UTC"))
+
+    return [
+        [(t // _HOUR_US - table.h0).alias("_th")],
+        [pl.when(hour.is_between(0, n - 1)).then(pl.lit(pl.Series(table.kind)).gather(i))
+         .when(hour.is_not_null()).then(pl.lit(HOUR_OTHER, pl.UInt8)).alias("_tk")],  # null: no time
+        [pl.when(kind <= HOUR_REPEATED).then(utc(table.off_e)).alias("ts_e"),
+         pl.when(kind <= HOUR_REPEATED).then(utc(table.off_l)).alias("ts_l"),
+         (kind == HOUR_REPEATED).fill_null(False).alias("_amb"),
+         (kind == HOUR_SKIPPED).fill_null(False).alias("_nonexist"),
+         (kind == HOUR_OTHER).fill_null(False).alias("_tzx")],
+    ]
 
 
 def _polars_local_to_utc(local: pl.Series, tz: str) -> pl.DataFrame:

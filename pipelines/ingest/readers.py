@@ -29,7 +29,16 @@ import numpy as np
 import polars as pl
 
 from pipelines.config import EquipmentType, SourceConfig
-from pipelines.ingest.quality import CODE, RowReason, has_offset, merge_stages, timestamp_stages, value_stages
+from pipelines.ingest.quality import (
+    CODE,
+    TABLE_HOURS,
+    HourTable,
+    RowReason,
+    has_offset,
+    merge_stages,
+    timestamp_stages,
+    value_stages,
+)
 
 REJECTED = "\x1frejected"  # partition key of rejected rows (cannot be an equipment id: control char)
 STAGED = "*.ipc"  # the staged files in a partition folder
@@ -332,13 +341,15 @@ def _missing_equipment() -> pl.Expr:
 
 
 def build_staged(lf: pl.LazyFrame, schema: dict[str, pl.DataType], names: list[str], src: SourceConfig,
-                 etype: EquipmentType, index: int, bad: pl.DataFrame | None) -> tuple[pl.LazyFrame, list[str]]:
-    """The stage A expressions over a scanned file. Returns (staged frame, sensors present in wide).
+                 etype: EquipmentType, index: int, bad: pl.DataFrame | None, table: HourTable | None = None
+                 ) -> tuple[pl.LazyFrame, list[str]]:
+    """The stage A expressions over a scanned file. Returns (staged frame, sensors present in wide); with an hour
+    ``table``, the staged frame also has ``_tzx`` (rows the table could not convert: not to be sunk).
 
     Work is laid out as successive with_columns steps over named intermediate columns (prefixed ``_``),
     so that every parse runs once per value even where its result is used several times.
     """
-    ts_stages = timestamp_stages(src.timestamp_column, src, schema[src.timestamp_column])
+    ts_stages = timestamp_stages(src.timestamp_column, src, schema[src.timestamp_column], table)
     equipment = _equipment_expr(src)
     reason = _row_reason(bad, src)
     present: list[str] = []
@@ -393,6 +404,7 @@ def build_staged(lf: pl.LazyFrame, schema: dict[str, pl.DataType], names: list[s
         pl.when(pl.col("_amb")).then(pl.col("ts_l")).alias("ts_l"), pl.col("_amb"), *final, pl.col("_reason"),
         pl.when(pl.col("_reason").is_null()).then(pl.col("_eq")).otherwise(pl.lit(REJECTED)).alias("_part"),
         pl.when(pl.col("_reason").is_null()).then(period_number(pl.col("ts_e"))).otherwise(0).alias("_period"),
+        *([pl.col("_tzx")] if table is not None else []),
     )
     return staged, present
 
@@ -403,7 +415,9 @@ def stage_file(path: Path, index: int, src: SourceConfig, etype: EquipmentType, 
 
     CSV: the bytes-level line check (Python, ~2 s a GB) runs in a thread while polars stages the file as if
     every line were well formed, the usual case. When the check finds a line that is not (or the optimistic
-    pass fails), the file is staged again, with its bad lines known."""
+    pass fails), the file is staged again, with its bad lines known. Local times are converted by a table of
+    the zone's hours around the first and last line's times where there is one (a time it misses: the pass runs
+    again with the exact, slower conversion)."""
     if src.format != "csv":
         lf, schema, names = _parquet_frame(path)
         return _stage(StagedFile(index, path, out_dir), lf, schema, names, src, etype, None, None, skip_rows)
@@ -411,14 +425,20 @@ def stage_file(path: Path, index: int, src: SourceConfig, etype: EquipmentType, 
     schema = {n: pl.String for n in names}
     floats = _float_columns(names, src, etype)
     skip_lines = 1 + skip_rows if skip_rows else 0
+    table = _hour_table(path, src, names)
     with ThreadPoolExecutor(1) as pool:
         check = pool.submit(_clean_data_lines, path, src.delimiter, len(names), skip_lines, exact=False)
-        try:
-            lf = _csv_scan(path, src, names, skip_rows, lossy=skip_rows > 0, floats=floats, ragged_ok=False)
-            info = _stage(StagedFile(index, path, out_dir), lf, {**schema, **dict.fromkeys(floats, pl.Float64)},
-                          names, src, etype, NO_BAD_LINES, None, skip_rows, optimistic=True)
-        except (ValueError, _OptimisticPassFailed):
-            info = None
+        info = None
+        for tbl in [table, None] if table is not None else [None]:  # a time outside the table: again, exactly
+            try:
+                lf = _csv_scan(path, src, names, skip_rows, lossy=skip_rows > 0, floats=floats, ragged_ok=False)
+                info = _stage(StagedFile(index, path, out_dir), lf, {**schema, **dict.fromkeys(floats, pl.Float64)},
+                              names, src, etype, NO_BAD_LINES, None, skip_rows, optimistic=True, table=tbl)
+                break
+            except _HourTableMissed:
+                shutil.rmtree(out_dir, ignore_errors=True)
+            except (ValueError, _OptimisticPassFailed):
+                break
         counted = check.result()
     # the pass read no line with too many fields (it would have failed) and the delimiters add up: none has too few
     if info is not None and counted is not None and info.lines_read - skip_rows == counted:
@@ -428,6 +448,42 @@ def stage_file(path: Path, index: int, src: SourceConfig, etype: EquipmentType, 
     bad, n_lines = scan_bad_lines(path, src, len(names), skip_lines) if clean is None else (NO_BAD_LINES, clean)
     lf = _csv_scan(path, src, names, skip_rows, lossy=skip_rows > 0 or (bad["kind"] == "invalid_utf8").any())
     return _stage(StagedFile(index, path, out_dir), lf, schema, names, src, etype, bad, n_lines, skip_rows)
+
+
+class _HourTableMissed(Exception):
+    """A local time of the file lies outside the hour table it was staged with (or in an hour the table cannot
+    convert): the file is staged again with the exact conversion."""
+
+
+TABLE_MARGIN_HOURS = 40 * 24  # the table covers the first and last line's times and this much around them
+
+
+def _hour_table(path: Path, src: SourceConfig, names: list[str]) -> HourTable | None:
+    """The hours of the source's zone around the times of the file's first and last data lines (a log is mostly
+    in time order; a time outside costs one more pass), or None where the exact conversion runs anyway: times
+    in UTC or with their own offset, a zone table of more than TABLE_HOURS, lines that do not parse."""
+    fmt = src.timestamp_format
+    if fmt is None or has_offset(fmt) or src.timezone == "UTC":
+        return None
+    col = names.index(src.timestamp_column)
+    texts = []
+    with open(path, "rb") as fh:
+        fh.readline(1 << 20)  # the header
+        first = fh.readline(1 << 20)
+        fh.seek(max(fh.seek(0, 2) - (64 << 10), 0))
+        tail = fh.read().splitlines()
+    for line in (first, *[ln for ln in tail[::-1] if ln.strip()][:1]):
+        try:
+            fields = next(csv.reader([line.decode("utf-8")], delimiter=src.delimiter))
+        except (UnicodeDecodeError, StopIteration, csv.Error):
+            return None
+        texts.append(fields[col].strip() if col < len(fields) else None)
+    t = pl.Series(texts, dtype=pl.String).str.to_datetime(fmt, strict=False, time_unit="us", cache=False)
+    if t.null_count() or len(t) < 2:
+        return None
+    hours = [int(v) // 3_600_000_000 for v in t.cast(pl.Int64)]
+    lo, hi = min(hours) - TABLE_MARGIN_HOURS, max(hours) + TABLE_MARGIN_HOURS
+    return HourTable.build(src.timezone, lo, hi) if hi - lo < TABLE_HOURS else None
 
 
 class _OptimisticPassFailed(Exception):
@@ -450,28 +506,33 @@ def _float_columns(names: list[str], src: SourceConfig, etype: EquipmentType) ->
 
 def _stage(info: StagedFile, lf: pl.LazyFrame, schema: dict[str, pl.DataType], names: list[str], src: SourceConfig,
            etype: EquipmentType, bad: pl.DataFrame | None, n_lines: int | None, skip_rows: int,
-           optimistic: bool = False) -> StagedFile:
+           optimistic: bool = False, table: HourTable | None = None) -> StagedFile:
     """Stage A proper: checks of the columns, the cleaning expressions, the partitioned sink and the summary.
-    ``optimistic``: a read error raises _OptimisticPassFailed at once (the caller stages the file again)."""
+    ``optimistic``: a read error raises _OptimisticPassFailed at once (the caller stages the file again).
+    ``table``: local times converted by that hour table; _HourTableMissed if it missed any."""
     path = info.path
     present, info.missing_sensors, info.unknown_columns = _check_columns(path, src, etype, names, schema)
     for col in (src.value_column,) if src.layout == "long" else present:
         dt = schema[col]
         if not (dt == pl.String or dt.is_numeric() or dt == pl.Boolean):
             raise ValueError(f"{path}: column {col!r}: expected numbers or text, got {dt}")
-    staged, _ = build_staged(lf, schema, names, src, etype, info.index, bad)
+    staged, _ = build_staged(lf, schema, names, src, etype, info.index, bad, table)
     info.dir.mkdir(parents=True, exist_ok=True)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PartitionBy is marked unstable
             # staging is temporary: uncompressed Arrow IPC (cheaper to write than parquet, read back mapped), rows
             # in any order (stage B sorts them by time, file and line)
-            sink = staged.sink_ipc(pl.PartitionBy(info.dir, key=["_part"], include_key=False),
-                                   mkdir=True, compression="uncompressed", maintain_order=False, lazy=True)
+            sink = (staged.drop("_tzx") if table is not None else staged).sink_ipc(
+                pl.PartitionBy(info.dir, key=["_part"], include_key=False), mkdir=True, compression="uncompressed",
+                maintain_order=False, lazy=True)
             # the counts for the report and the file-level checks come from the same pass over the file
             # (columns the reader parsed as numbers hold no text: nothing to count there)
             texts = [c for c in present if schema[c] == pl.String]
-            _, *summary = pl.collect_all([sink, *_summary_queries(staged, src, texts)])
+            missed = [staged.select(pl.col("_tzx").sum())] if table is not None else []
+            _, *summary = pl.collect_all([sink, *_summary_queries(staged, src, texts), *missed])
+            if table is not None and summary.pop().item():
+                raise _HourTableMissed()
     except pl.exceptions.PolarsError as exc:
         if optimistic:
             raise _OptimisticPassFailed(_first_line(exc)) from None
