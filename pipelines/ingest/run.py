@@ -105,9 +105,13 @@ def ingest_source(cfg: PlantConfig, src: SourceConfig, watermark: SourceWatermar
         n_workers = _workers(workers, sum(c.bytes for job in jobs for c in job.chunks), len(jobs))
         if n_workers > 1:
             pool = pool or _start_pool(n_workers)
-            results = list(pool.map(_run_equipment, jobs))
+            done = pool.map(_run_equipment, jobs)
         else:
-            results = [_run_equipment(job) for job in jobs]
+            done = (_run_equipment(job) for job in jobs)
+        results = []
+        for job, res in zip(jobs, done):
+            results.append(res)
+            _drop_staged(job)  # while the workers go on: the staging's removal at the end then has little to do
         outputs: dict[Path, tuple[Path, int]] = {}  # final store file -> (staged file, rows)
         per_file: list[pl.DataFrame] = []
         for job, res in zip(jobs, results):
@@ -259,6 +263,11 @@ def _run_equipment(job: _EquipmentJob) -> _EquipmentResult:
         if outcome.max_ts is not None:
             mark = outcome.max_ts if mark is None else max(mark, outcome.max_ts)
     return _EquipmentResult(outputs, outcomes, mark, unobserved or set())
+
+
+def _drop_staged(job: _EquipmentJob) -> None:
+    for f in {f for chunk in job.chunks for f, _, _ in chunk.slices}:
+        os.remove(f)
 
 
 def _size(path: Path) -> int:
