@@ -466,42 +466,34 @@ def render(results: list[dict], meta: dict, load: tuple[float, float]) -> str:
                  "wide.csv) instead of one per day (9,450). The pandas reference writes the same layout, which made "
                  "it faster too (pyarrow spends ~10 ms a file: on the 0.2 GB file it went from 34.8 s with day "
                  "files to 16.2 s, back to back).")
-    lines.append("- Where ours spends its time on wide.csv (2026-11-28, session 6, this AMD host, phase timers and "
-                 "perf; wall s): stage A (parse, clean, stage to Arrow IPC; hash and line count on threads alongside) "
-                 "8.9-10.3, stage B on two processes 6.2; both cores are busy 92-100% of the run (sampled every "
-                 "0.5 s), so only less CPU work makes it faster. Stage B per equipment, one process: 113 ms, of which "
-                 "the three lz4 store files ~45 (15 ms a file; uncompressed ~9 ms at ~2x the size, and the pandas "
-                 "reference writes zstd), alignment 22, observations 10, stuck-run detection 8, duplicates 7, "
-                 "per-file counts 5. perf over the whole run: lz4 7% of samples, the CSV reader and float parsing "
-                 "~13%, gathers of float columns (grid join, partitioning) ~5%, timestamp parsing ~3%.")
-    lines.append("- Long layout, session 6: stage B sorts a historian's rows by (sensor, time) -- each tag's readings "
+    lines.append("- Where ours spends its time on wide.csv (session 7, this AMD host, phase timers; wall s): stage A "
+                 "(parse, clean, stage to Arrow IPC; SHA-256 and the line check on threads alongside) ~3.6, stage B "
+                 "on two processes ~2.8, the rest ~0.5 (start, reports, renames). Stage A's CPU: the CSV reader and "
+                 "float parsing ~2.4 s, timestamps ~0.4, cleaning ~0.5, the partitioned IPC sink ~1.5. Stage B per "
+                 "equipment, one process: 47 ms CPU, of which the three lz4 store files 23 (lz4 ~43% of a file's "
+                 "write, "
+                 "polars' discarded dictionary attempt on every float column ~18%), alignment 7, observations 4, "
+                 "reading the staged rows 3, stuck runs 3, duplicates 2.")
+    lines.append("- Changes in session 7 (each measured interleaved against the session's first revision; identical "
+                 "store files and reports on wide.csv and long_prefix.csv): rows staged by equipment only, not by "
+                 "equipment and 32-day period (stage B reads a big equipment in period chunks as row ranges); local "
+                 "time -> UTC by a table of the zone's hours looked up in polars (the Python batch conversion held the "
+                 "GIL inside the streaming engine; a time outside the table stages the file again the exact way); "
+                 "the report's counts read back from the staged files after the sink instead of beside it (polars "
+                 "buffered the staged rows for the slower consumer: 5.6 GB on long.csv); each equipment's staged files "
+                 "removed as it finishes. Together, three interleaved pairs on wide.csv: 7.74-8.10 -> 7.28-7.84 s "
+                 "wall, 13.6-14.1 -> 12.1-12.8 CPU s, peak RSS with workers 1.75-1.91 -> 0.84-0.91 GB; long.csv "
+                 "(5.7 GB, ours only): 225 s / 1.4 GB in session 4 -> 30-35 s / 0.9-1.0 GB here.")
+    lines.append("- Long layout (session 6): stage B sorts a historian's rows by (sensor, time) -- each tag's readings "
                  "are in time order, so a stable sort on the sensor replaces the full sort -- and builds the grid "
-                 "observations by a numpy merge of the sensors' sorted runs instead of a pivot (per equipment of "
-                 "~1M readings, one process: 641 -> 426 ms). The long_prefix.csv rows above (runs 1, 4 and 7) were "
-                 "measured after that change (runs 7 and 10 after a second, smaller one), the wide rows of runs 1-6 "
-                 "before it (the wide path did not change). Interleaved "
-                 "with the revision before, ours only: 16.8 / 13.4 s -> 14.0 / 12.9 s wall, 29.6 / 23.8 -> 25.2 / "
-                 "21.8 CPU s; the same store files (equal frames) and counts.")
-    lines.append("- Local time -> UTC (session 6, runs 10-12): numpy arrays and one hourly offset table shared by "
-                 "the streaming batches instead of a new table per batch: per batch 4.4 -> 1.0 ms, 1.8 -> 0.9 CPU s "
-                 "on wide.csv; too small to see in whole runs on this host.")
-    lines.append("- The wide-file code of runs 1-9 is session 5's. Its changes, measured in session 5 "
-                 "against the revision before on that session's Intel host, interleaved, ours only: 21.6 / 21.3 s -> "
-                 "16.9 / 16.3 s wall (1.29x): the optimistic CSV pass reads the sensor columns as numbers (falling "
-                 "back to the text path on any other field), proves line shapes by delimiter counts (numpy) plus a "
-                 "read that fails on long lines, converts local time by a per-batch hour table, rejects empty "
-                 "equipment ids through the row reason; stage B skips re-sorting rows already in order and starts its "
-                 "workers during stage A.")
+                 "observations by a numpy merge of the sensors' sorted runs instead of a pivot.")
     lines.append("- Margin, and how much it moves: the ratio depends on the host as much as on the code. This table "
-                 "(session 6, AMD EPYC) is four invocations of `--repeat 3` (runs 1-3 and 4-6 back to back at "
-                 "17:42 and 17:52, runs 7-9 at 18:45 after the long-layout change, runs 10-12 at 19:25 at the final "
-                 "revision, after the local-time change): medians 5.04x, 5.21x, 4.73x and 5.02x. The median of all "
-                 "twelve pairs clears 5x by ~1% while single pairs spread from 4.5x to 6.1x (pandas 79.6-95.5 s, "
-                 "ours 15.7-19.0 s), so the target is at the edge of this host's noise, not met with a margin. "
-                 "Earlier hosts: session 2 (AMD EPYC) 5.5x / 4.5x; session 3 (AMD EPYC, slower) 3.7x / 3.9x / 4.0x; "
-                 "session 4 (Intel Xeon) 3.9x / 3.2x / 3.9x; session 5 (Intel Xeon, this code) 4.0x / 4.1x / 3.8x "
-                 "with ours 17.8-20.0 s and pandas 68.6-80.8 s: there pandas ran ~20% faster and ours about as fast "
-                 "as here.")
+                 "(session 7, AMD EPYC, helpers paused) is four invocations of `--repeat 3` (runs 1-3, 4-6, 7-9, "
+                 "10-12, 21:11-21:31 UTC; load average before / after each: 2.1 / 1.8, 1.6 / 1.8, 0.8 / 1.9, "
+                 "1.9 / 1.5): medians 4.97x, 5.29x, 5.41x and 5.48x; all twelve pairs 4.93-5.91x, median 5.35x, two "
+                 "below 5x (ours 6.4-8.0 s, pandas 37.6-41.7 s). Session 6 on another AMD host, the code before these "
+                 "changes: twelve pairs 4.46-6.06x, median 5.04x. Earlier hosts: session 5 (Intel Xeon) 4.0x / 4.1x / "
+                 "3.8x with pandas ~20% faster there than on the AMD hosts.")
     return "\n".join(lines)
 
 
