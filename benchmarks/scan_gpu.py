@@ -120,6 +120,17 @@ def load_mamba(work: Path, proc: subprocess.Popen | None, timeout: float) -> tup
 
 
 # -------------------------------------------------------------------------------------------- measurement
+
+def event_ms(fn) -> float:
+    """GPU time of one call of ``fn`` (ms), between two CUDA events."""
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    fn()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b)
+
+
 def cuda_time(fn, *, min_reps=5, max_reps=50, target_s=0.6, warmup=2) -> dict:
     """Median / min / max / IQR of fn() in ms with CUDA events (one event pair per call)."""
     for _ in range(warmup):
@@ -132,12 +143,7 @@ def cuda_time(fn, *, min_reps=5, max_reps=50, target_s=0.6, warmup=2) -> dict:
     reps = int(min(max_reps, max(min_reps, target_s / est)))
     times = []
     for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
+        times.append(event_ms(fn))
     times.sort()
     q = statistics.quantiles(times, n=4) if len(times) >= 4 else [times[0], times[len(times) // 2], times[-1]]
     return {"median_ms": statistics.median(times), "min_ms": times[0], "max_ms": times[-1],
@@ -310,6 +316,17 @@ def rel(a, b) -> float:
     return math.sqrt(num) / max(math.sqrt(den), 1e-30)
 
 
+
+def fwd_bwd(ts, leaves: dict, dout):
+    """One forward + backward of our scan on ``leaves`` (u, delta, A, B, C, D, z, delta_bias; their .grad cleared
+    first, as the timed loops need); returns y."""
+    for v in leaves.values():
+        v.grad = None
+    y = ts.selective_scan_triton(leaves["u"], leaves["delta"], leaves["A"], leaves["B"], leaves["C"], D=leaves["D"],
+                                 z=leaves["z"], delta_bias=leaves["delta_bias"], delta_softplus=True)
+    y.backward(dout)
+    return y
+
 def poison(nbytes: int) -> None:
     """Fill free allocator memory with NaN so that outputs the kernels fail to write stay NaN."""
     if not torch.cuda.is_available():
@@ -414,12 +431,7 @@ def run_config(b, d, L, dtype, ext, floors, args, results, n=16):
                   dict(u=u, delta=delta, A=A, B=B, C=C, D=inp["D"], z=inp["z"], delta_bias=inp["delta_bias"]).items()}
 
         def ours_fb():
-            for v in leaves.values():
-                v.grad = None
-            yy = ts.selective_scan_triton(leaves["u"], leaves["delta"], leaves["A"], leaves["B"], leaves["C"],
-                                          D=leaves["D"], z=leaves["z"], delta_bias=leaves["delta_bias"],
-                                          delta_softplus=True)
-            yy.backward(dout)
+            fwd_bwd(ts, leaves, dout)
 
         poison(8 * el * esz)
         ours_fb()
@@ -808,12 +820,7 @@ def _ab_time(fns: dict, rounds: int, per: int) -> dict:
             fn()
             torch.cuda.synchronize()
             for _ in range(per):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                b.synchronize()
-                res[k].append(a.elapsed_time(b))
+                res[k].append(event_ms(fn))
     _ab_set({})
     return {k: {"median_ms": statistics.median(v), "min_ms": min(v), "max_ms": max(v), "n": len(v)}
             for k, v in res.items()}
@@ -856,13 +863,7 @@ def ab_shape(b, d, L, dtype, plan: dict, dev: str = "cuda") -> dict:
     dout = torch.randn_like(u)
 
     def fb():
-        for v in leaves.values():
-            v.grad = None
-        yy = ts.selective_scan_triton(leaves["u"], leaves["delta"], leaves["A"], leaves["B"], leaves["C"],
-                                      D=leaves["D"], z=leaves["z"], delta_bias=leaves["delta_bias"],
-                                      delta_softplus=True)
-        yy.backward(dout)
-        return yy
+        return fwd_bwd(ts, leaves, dout)
 
     for name, ov in tv.items():
         _ab_set(ov)
