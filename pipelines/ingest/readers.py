@@ -64,7 +64,11 @@ class StagedFile:
 
     def partitions(self) -> dict[str, Path]:
         """Staged partition folders by equipment id; rejected rows under REJECTED."""
-        return {unquote(d.name.split("=", 1)[1]): d for d in sorted(self.dir.glob("_part=*")) if d.is_dir()}
+        return _partitions(self.dir)
+
+
+def _partitions(out_dir: Path) -> dict[str, Path]:
+    return {unquote(d.name.split("=", 1)[1]): d for d in sorted(out_dir.glob("_part=*")) if d.is_dir()}
 
 
 # --- CSV header and raw-line checks --------------------------------------------------------------------
@@ -545,7 +549,7 @@ def _stage(info: StagedFile, lf: pl.LazyFrame, schema: dict[str, pl.DataType], n
 def _staged_files(out_dir: Path) -> tuple[list[str], list[str]]:
     """The staged files of rejected rows and of usable rows."""
     rejected, usable = [], []
-    for eq, d in StagedFile(0, Path(), out_dir).partitions().items():
+    for eq, d in _partitions(out_dir).items():
         (rejected if eq == REJECTED else usable).extend(str(f) for f in sorted(d.glob(STAGED)))
     return rejected, usable
 
