@@ -5,6 +5,7 @@ are already in order, and must recognise exactly those."""
 
 from __future__ import annotations
 
+import io
 import os
 
 import polars as pl
@@ -277,21 +278,33 @@ def test_long_observations_match_a_pivot(rows, extra_category):
 
 @pytest.mark.parametrize("tz, outlier", [("Europe/Berlin", False), ("Europe/Berlin", True),
                                          ("Australia/Lord_Howe", False)])
-@pytest.mark.parametrize("layout", ["wide", "long"])
+@pytest.mark.parametrize("layout", ["wide", "long", "parquet text", "parquet datetime"])
 def test_hour_table_staging_matches_the_exact_conversion(tmp_path, monkeypatch, tz, outlier, layout):
-    """Stage A converts local times by an hour table around the first and last line's times when it can; the
+    """Stage A converts local times by an hour table around the first and last row's times when it can; the
     store, quarantine and report equal those of the exact conversion (the table switched off) for logs crossing
     both clock changes of the year (a repeated hour written twice in file order, a skipped one), in a zone whose
-    clock moves by 30 minutes (its changing hours are not in the table: staged again, exactly) and with a line
-    far outside the first and last line's times (also staged again)."""
+    clock moves by 30 minutes (its changing hours are not in the table: staged again, exactly) and with a row
+    far outside the first and last row's times (also staged again); CSV (wide, long) and parquet (wide, times as
+    text or as naive datetimes)."""
     days = {"Europe/Berlin": ("2024-03-31", "2024-10-27"), "Australia/Lord_Howe": ("2024-04-07", "2024-10-06")}[tz]
     stamps = [f"{day} {h:02d}:{m:02d}:00" for day in days for h in range(0, 5) for m in range(0, 60, 10)]
     stamps += [s for s in stamps if s.startswith(days[1] + " 02:")]  # the repeated hour: its readings again
     if outlier:
         stamps.insert(len(stamps) // 2, "2023-01-05 12:00:00")
+    fname = "a.csv"
     if layout == "wide":
         text = wide_csv([(s, "P1", i % 50, 1 + i % 7) for i, s in enumerate(stamps)])
         src = {**WIDE, "timezone": tz, "ambiguous": "infer"}
+    elif layout.startswith("parquet"):
+        n = len(stamps)
+        frame = pl.DataFrame({"timestamp": stamps, "equipment_id": "P1", "flow": [float(i % 50) for i in range(n)],
+                              "pressure": [float(1 + i % 7) for i in range(n)]})
+        if layout == "parquet datetime":
+            frame = frame.with_columns(pl.col("timestamp").str.to_datetime("%Y-%m-%d %H:%M:%S", time_unit="us"))
+        buf = io.BytesIO()
+        frame.write_parquet(buf)
+        text, fname = buf.getvalue(), "a.parquet"
+        src = {**WIDE, "path": "raw/*.parquet", "format": "parquet", "timezone": tz, "ambiguous": "infer"}
     else:
         pairs = [(i, s, k, tag) for i, s in enumerate(stamps) for k, tag in ((1, "flow"), (3, "pressure"))]
         text = "tag,timestamp,value,quality\n" + "".join(f"P1.{t},{s},{(i * k) % 50},Good\n" for i, s, k, t in pairs)
@@ -305,7 +318,7 @@ def test_hour_table_staging_matches_the_exact_conversion(tmp_path, monkeypatch, 
             monkeypatch.setattr(readers, "_hour_table", lambda *a: None)
         root = tmp_path / name
         cfg = plant(root, [src])
-        write_raw(root, "a.csv", text)
+        write_raw(root, fname, text)
         r = ingest(cfg)
         q = quarantine(r).with_columns(pl.col("file").str.split("/").list.last())
         results[name] = (store(cfg), q, r.report.kept, r.report.quarantined, r.report.deduplicated)

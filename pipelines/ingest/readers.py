@@ -423,12 +423,21 @@ def stage_file(path: Path, index: int, src: SourceConfig, etype: EquipmentType, 
     again with the exact, slower conversion)."""
     if src.format != "csv":
         lf, schema, names = _parquet_frame(path)
+        ends = (lf.select(pl.col(src.timestamp_column).first().alias("a"), pl.col(src.timestamp_column).last())
+                .collect().row(0) if src.timestamp_column in schema else None)
+        table = _hour_table(src, schema.get(src.timestamp_column), ends)
+        if table is not None:
+            try:
+                return _stage(StagedFile(index, path, out_dir), lf, schema, names, src, etype, None, None, skip_rows,
+                              table=table)
+            except _HourTableMissed:
+                shutil.rmtree(out_dir, ignore_errors=True)
         return _stage(StagedFile(index, path, out_dir), lf, schema, names, src, etype, None, None, skip_rows)
     names = read_csv_header(path, src)
     schema = {n: pl.String for n in names}
     floats = _float_columns(names, src, etype)
     skip_lines = 1 + skip_rows if skip_rows else 0
-    table = _hour_table(path, src, names)
+    table = _hour_table(src, pl.String, _csv_ends(path, src, names))
     with ThreadPoolExecutor(1) as pool:
         check = pool.submit(_clean_data_lines, path, src.delimiter, len(names), skip_lines, exact=False)
         info = None
@@ -461,13 +470,8 @@ class _HourTableMissed(Exception):
 TABLE_MARGIN_HOURS = 40 * 24  # the table covers the first and last line's times and this much around them
 
 
-def _hour_table(path: Path, src: SourceConfig, names: list[str]) -> HourTable | None:
-    """The hours of the source's zone around the times of the file's first and last data lines (a log is mostly
-    in time order; a time outside costs one more pass), or None where the exact conversion runs anyway: times
-    in UTC or with their own offset, a zone table of more than TABLE_HOURS, lines that do not parse."""
-    fmt = src.timestamp_format
-    if fmt is None or has_offset(fmt) or src.timezone == "UTC":
-        return None
+def _csv_ends(path: Path, src: SourceConfig, names: list[str]) -> tuple[str, str] | None:
+    """The timestamp texts of the first and the last data line (None where a line does not split)."""
     col = names.index(src.timestamp_column)
     texts = []
     with open(path, "rb") as fh:
@@ -480,9 +484,29 @@ def _hour_table(path: Path, src: SourceConfig, names: list[str]) -> HourTable | 
             fields = next(csv.reader([line.decode("utf-8")], delimiter=src.delimiter))
         except (UnicodeDecodeError, StopIteration, csv.Error):
             return None
-        texts.append(fields[col].strip() if col < len(fields) else None)
-    t = pl.Series(texts, dtype=pl.String).str.to_datetime(fmt, strict=False, time_unit="us", cache=False)
-    if t.null_count() or len(t) < 2:
+        if col >= len(fields):
+            return None
+        texts.append(fields[col].strip())
+    return (texts[0], texts[-1]) if texts else None
+
+
+def _hour_table(src: SourceConfig, dtype: pl.DataType | None, ends: tuple | None) -> HourTable | None:
+    """The hours of the source's zone around the times of the file's first and last rows (``ends``: texts or naive
+    datetimes; a log is mostly in time order, a time outside costs one more pass), or None where the exact
+    conversion runs anyway: times in UTC or with their own offset, a table of more than TABLE_HOURS, ends that do
+    not parse."""
+    fmt = src.timestamp_format
+    if ends is None or src.timezone == "UTC" or isinstance(dtype, pl.Datetime) and dtype.time_zone is not None:
+        return None
+    if dtype == pl.String:
+        if fmt is None or has_offset(fmt):
+            return None
+        t = pl.Series(ends, dtype=pl.String).str.to_datetime(fmt, strict=False, time_unit="us", cache=False)
+    elif isinstance(dtype, pl.Datetime | pl.Date):
+        t = pl.Series(ends, dtype=dtype).cast(pl.Datetime("us"))
+    else:
+        return None
+    if t.null_count():
         return None
     hours = [int(v) // 3_600_000_000 for v in t.cast(pl.Int64)]
     lo, hi = min(hours) - TABLE_MARGIN_HOURS, max(hours) + TABLE_MARGIN_HOURS
