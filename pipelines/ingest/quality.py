@@ -93,7 +93,7 @@ def timestamp_stages(raw: str, src: SourceConfig, dtype: pl.DataType, table: Hou
 _CONVERTED = pl.Struct({"ts_e": pl.Datetime("us", "UTC"), "ts_l": pl.Datetime("us", "UTC"), "_amb": pl.Boolean,
                         "_nonexist": pl.Boolean})
 _HOUR_US = 3_600_000_000
-TABLE_HOURS = 1 << 20  # the largest shared offset table: ~120 years of hours, 9 MB
+_TABLE_HOURS = 1 << 20  # the largest hour table: ~120 years of hours, 9 MB
 
 
 def local_to_utc(tz: str) -> Callable[[pl.Series], pl.Series]:
@@ -106,28 +106,20 @@ def local_to_utc(tz: str) -> Callable[[pl.Series], pl.Series]:
     the span is longer than the batch); the rows of the other hours (a clock change inside) are converted one by
     one. An elementwise function, so the streaming engine runs it batch by batch."""
 
-    def offsets(hours: pl.Series) -> pl.Series:
-        """The UTC offset (us) of each hour (start of the hour, us), null unless regular."""
-        first, last = (_polars_local_to_utc(h.cast(pl.Datetime("us")), tz) for h in (hours, hours + _HOUR_US - 1))
-        shift = hours - first["ts_e"].cast(pl.Int64)  # the UTC offset (us) at the start of each hour
-        regular = (~first["_amb"] & ~last["_amb"] & first["ts_e"].is_not_null() & last["ts_e"].is_not_null()
-                   & (shift == hours + _HOUR_US - 1 - last["ts_e"].cast(pl.Int64)))
-        return pl.select(pl.when(pl.lit(regular)).then(pl.lit(shift))).to_series()
-
     table: list = []  # [(first hour, offsets by hour - first: int64, regular: bool)], shared by the batches
 
     def dense(lo: int, hi: int) -> tuple[int, np.ndarray, np.ndarray]:
         """The offsets of hours lo..hi, from the table the batches share (grown to cover them when the union
-        stays under TABLE_HOURS; a log's batches mostly cover the same months)."""
+        stays under _TABLE_HOURS; a log's batches mostly cover the same months)."""
         cur = table[0] if table else None  # read once: batches may run on several threads
         if cur is not None:
             cur_lo, cur_hi = cur[0], cur[0] + len(cur[1]) - 1
             if cur_lo <= lo and hi <= cur_hi:
                 return cur
-            if max(hi, cur_hi) - min(lo, cur_lo) < TABLE_HOURS:
+            if max(hi, cur_hi) - min(lo, cur_lo) < _TABLE_HOURS:
                 lo, hi = min(lo, cur_lo), max(hi, cur_hi)
-        off = offsets(pl.int_range(lo, hi + 1, dtype=pl.Int64, eager=True) * _HOUR_US)
-        entry = (lo, off.fill_null(0).to_numpy(), off.is_not_null().to_numpy())
+        kind, off, _ = _hour_kinds(tz, pl.int_range(lo, hi + 1, dtype=pl.Int64, eager=True) * _HOUR_US)
+        entry = (lo, off, kind == HOUR_REGULAR)
         table[:] = [entry]  # one assignment: a batch on another thread sees the old table or the new one
         return entry
 
@@ -145,9 +137,10 @@ def local_to_utc(tz: str) -> Callable[[pl.Series], pl.Series]:
             idx = np.where(valid, hour - first, 0)
             ok, utc = valid & reg[idx], t - off[idx]
         elif len(seen):
-            hours = pl.Series(np.unique(seen) * _HOUR_US)
-            o = pl.Series(hour * _HOUR_US).replace_strict(hours, offsets(hours), default=None)
-            ok, utc = valid & o.is_not_null().to_numpy(), t - o.fill_null(0).to_numpy()
+            hours = np.unique(seen)
+            kind, off, _ = _hour_kinds(tz, pl.Series(hours * _HOUR_US))
+            pos = np.searchsorted(hours, hour).clip(0, len(hours) - 1)  # each row's hour (rows without a time: any)
+            ok, utc = valid & (kind[pos] == HOUR_REGULAR), t - off[pos]
         ts = pl.Series(local.name, utc).cast(pl.Datetime("us")).dt.replace_time_zone("UTC")
         if not ok.all():  # rows not converted here: null (the odd ones are filled in below)
             ts = ts.scatter(np.flatnonzero(~ok), None)
@@ -181,24 +174,41 @@ class HourTable:
     def build(cls, tz: str, first_hour: int, last_hour: int) -> HourTable:
         if last_hour < first_hour:
             raise ValueError(f"HourTable: expected first_hour <= last_hour, got {first_hour} > {last_hour}")
-        hours = pl.int_range(first_hour, last_hour + 1, dtype=pl.Int64, eager=True) * _HOUR_US
-        a, b = (_polars_local_to_utc(h.cast(pl.Datetime("us")), tz) for h in (hours, hours + _HOUR_US - 1))
+        return cls(first_hour, *_hour_kinds(tz, pl.int_range(first_hour, last_hour + 1, dtype=pl.Int64,
+                                                              eager=True) * _HOUR_US))
 
-        def offset(at: pl.Series, conv: pl.DataFrame, col: str) -> np.ndarray:
-            return (at - conv[col].cast(pl.Int64)).to_numpy()  # NaN where the local time does not exist
+    @classmethod
+    def around(cls, tz: str, times: pl.Series, margin_hours: int) -> HourTable | None:
+        """The hours from ``margin_hours`` before the earliest of ``times`` (naive local) to as many after the
+        latest; None when a time is missing or that is more than _TABLE_HOURS."""
+        if times.null_count() or not times.len():
+            return None
+        hours = times.cast(pl.Datetime("us")).cast(pl.Int64) // _HOUR_US
+        lo, hi = int(hours.min()) - margin_hours, int(hours.max()) + margin_hours
+        return cls.build(tz, lo, hi) if hi - lo < _TABLE_HOURS else None
 
-        ea, la = offset(hours, a, "ts_e"), offset(hours, a, "ts_l")
-        eb, lb = offset(hours + _HOUR_US - 1, b, "ts_e"), offset(hours + _HOUR_US - 1, b, "ts_l")
-        amb_a, amb_b = a["_amb"].to_numpy(), b["_amb"].to_numpy()
-        gap_a, gap_b = a["_nonexist"].to_numpy(), b["_nonexist"].to_numpy()
-        with np.errstate(invalid="ignore"):
-            same = (ea == eb) & (la == lb)  # False where either is NaN (a gap)
-        kind = np.full(len(hours), HOUR_OTHER, dtype=np.uint8)
-        kind[same & ~amb_a & ~amb_b] = HOUR_REGULAR
-        kind[same & amb_a & amb_b] = HOUR_REPEATED
-        kind[gap_a & gap_b] = HOUR_SKIPPED
-        ok = (kind == HOUR_REGULAR) | (kind == HOUR_REPEATED)
-        return cls(first_hour, kind, np.where(ok, ea, 0).astype(np.int64), np.where(ok, la, 0).astype(np.int64))
+
+def _hour_kinds(tz: str, hours: pl.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per hour (its start, naive local us since 1970): its kind (HOUR_*) and the UTC offsets (us) of the earlier
+    and the later reading of its local times (0 unless regular or repeated), from polars' conversion of the hour's
+    first and last microsecond."""
+    a, b = (_polars_local_to_utc(h.cast(pl.Datetime("us")), tz) for h in (hours, hours + _HOUR_US - 1))
+
+    def offset(at: pl.Series, conv: pl.DataFrame, col: str) -> np.ndarray:
+        return (at - conv[col].cast(pl.Int64)).to_numpy()  # NaN where the local time does not exist
+
+    ea, la = offset(hours, a, "ts_e"), offset(hours, a, "ts_l")
+    eb, lb = offset(hours + _HOUR_US - 1, b, "ts_e"), offset(hours + _HOUR_US - 1, b, "ts_l")
+    amb_a, amb_b = a["_amb"].to_numpy(), b["_amb"].to_numpy()
+    gap_a, gap_b = a["_nonexist"].to_numpy(), b["_nonexist"].to_numpy()
+    with np.errstate(invalid="ignore"):
+        same = (ea == eb) & (la == lb)  # False where either is NaN (a gap)
+    kind = np.full(len(hours), HOUR_OTHER, dtype=np.uint8)
+    kind[same & ~amb_a & ~amb_b] = HOUR_REGULAR
+    kind[same & amb_a & amb_b] = HOUR_REPEATED
+    kind[gap_a & gap_b] = HOUR_SKIPPED
+    ok = (kind == HOUR_REGULAR) | (kind == HOUR_REPEATED)
+    return kind, np.where(ok, ea, 0).astype(np.int64), np.where(ok, la, 0).astype(np.int64)
 
 
 def table_stages(table: HourTable) -> Stages:

@@ -31,7 +31,6 @@ import polars as pl
 from pipelines.config import EquipmentType, SourceConfig
 from pipelines.ingest.quality import (
     CODE,
-    TABLE_HOURS,
     HourTable,
     RowReason,
     has_offset,
@@ -426,13 +425,8 @@ def stage_file(path: Path, index: int, src: SourceConfig, etype: EquipmentType, 
         ends = (lf.select(pl.col(src.timestamp_column).first().alias("a"), pl.col(src.timestamp_column).last())
                 .collect().row(0) if src.timestamp_column in schema else None)
         table = _hour_table(src, schema.get(src.timestamp_column), ends)
-        if table is not None:
-            try:
-                return _stage(StagedFile(index, path, out_dir), lf, schema, names, src, etype, None, None, skip_rows,
-                              table=table)
-            except _HourTableMissed:
-                shutil.rmtree(out_dir, ignore_errors=True)
-        return _stage(StagedFile(index, path, out_dir), lf, schema, names, src, etype, None, None, skip_rows)
+        return _stage(StagedFile(index, path, out_dir), lf, schema, names, src, etype, None, None, skip_rows,
+                      table=table)
     names = read_csv_header(path, src)
     schema = {n: pl.String for n in names}
     floats = _float_columns(names, src, etype)
@@ -440,17 +434,12 @@ def stage_file(path: Path, index: int, src: SourceConfig, etype: EquipmentType, 
     table = _hour_table(src, pl.String, _csv_ends(path, src, names))
     with ThreadPoolExecutor(1) as pool:
         check = pool.submit(_clean_data_lines, path, src.delimiter, len(names), skip_lines, exact=False)
-        info = None
-        for tbl in [table, None] if table is not None else [None]:  # a time outside the table: again, exactly
-            try:
-                lf = _csv_scan(path, src, names, skip_rows, lossy=skip_rows > 0, floats=floats, ragged_ok=False)
-                info = _stage(StagedFile(index, path, out_dir), lf, {**schema, **dict.fromkeys(floats, pl.Float64)},
-                              names, src, etype, NO_BAD_LINES, None, skip_rows, optimistic=True, table=tbl)
-                break
-            except _HourTableMissed:
-                shutil.rmtree(out_dir, ignore_errors=True)
-            except (ValueError, _OptimisticPassFailed):
-                break
+        try:
+            lf = _csv_scan(path, src, names, skip_rows, lossy=skip_rows > 0, floats=floats, ragged_ok=False)
+            info = _stage(StagedFile(index, path, out_dir), lf, {**schema, **dict.fromkeys(floats, pl.Float64)},
+                          names, src, etype, NO_BAD_LINES, None, skip_rows, optimistic=True, table=table)
+        except (ValueError, _OptimisticPassFailed):
+            info = None
         counted = check.result()
     # the pass read no line with too many fields (it would have failed) and the delimiters add up: none has too few
     if info is not None and counted is not None and info.lines_read - skip_rows == counted:
@@ -459,12 +448,8 @@ def stage_file(path: Path, index: int, src: SourceConfig, etype: EquipmentType, 
     clean = None if counted is None else _clean_data_lines(path, src.delimiter, len(names), skip_lines)
     bad, n_lines = scan_bad_lines(path, src, len(names), skip_lines) if clean is None else (NO_BAD_LINES, clean)
     lf = _csv_scan(path, src, names, skip_rows, lossy=skip_rows > 0 or (bad["kind"] == "invalid_utf8").any())
-    return _stage(StagedFile(index, path, out_dir), lf, schema, names, src, etype, bad, n_lines, skip_rows)
-
-
-class _HourTableMissed(Exception):
-    """A local time of the file lies outside the hour table it was staged with (or in an hour the table cannot
-    convert): the file is staged again with the exact conversion."""
+    return _stage(StagedFile(index, path, out_dir), lf, schema, names, src, etype, bad, n_lines, skip_rows,
+                  table=table)
 
 
 TABLE_MARGIN_HOURS = 40 * 24  # the table covers the first and last line's times and this much around them
@@ -493,8 +478,7 @@ def _csv_ends(path: Path, src: SourceConfig, names: list[str]) -> tuple[str, str
 def _hour_table(src: SourceConfig, dtype: pl.DataType | None, ends: tuple | None) -> HourTable | None:
     """The hours of the source's zone around the times of the file's first and last rows (``ends``: texts or naive
     datetimes; a log is mostly in time order, a time outside costs one more pass), or None where the exact
-    conversion runs anyway: times in UTC or with their own offset, a table of more than TABLE_HOURS, ends that do
-    not parse."""
+    conversion runs anyway: times in UTC or with their own offset, a table too long, ends that do not parse."""
     fmt = src.timestamp_format
     if ends is None or src.timezone == "UTC" or isinstance(dtype, pl.Datetime) and dtype.time_zone is not None:
         return None
@@ -506,11 +490,7 @@ def _hour_table(src: SourceConfig, dtype: pl.DataType | None, ends: tuple | None
         t = pl.Series(ends, dtype=dtype).cast(pl.Datetime("us"))
     else:
         return None
-    if t.null_count():
-        return None
-    hours = [int(v) // 3_600_000_000 for v in t.cast(pl.Int64)]
-    lo, hi = min(hours) - TABLE_MARGIN_HOURS, max(hours) + TABLE_MARGIN_HOURS
-    return HourTable.build(src.timezone, lo, hi) if hi - lo < TABLE_HOURS else None
+    return HourTable.around(src.timezone, t, TABLE_MARGIN_HOURS)
 
 
 class _OptimisticPassFailed(Exception):
@@ -536,7 +516,8 @@ def _stage(info: StagedFile, lf: pl.LazyFrame, schema: dict[str, pl.DataType], n
            optimistic: bool = False, table: HourTable | None = None) -> StagedFile:
     """Stage A proper: checks of the columns, the cleaning expressions, the partitioned sink and the summary.
     ``optimistic``: a read error raises _OptimisticPassFailed at once (the caller stages the file again).
-    ``table``: local times converted by that hour table; _HourTableMissed if it missed any."""
+    ``table``: local times converted by that hour table; when it missed one, the file is sunk again with the exact
+    conversion."""
     path = info.path
     present, info.missing_sensors, info.unknown_columns = _check_columns(path, src, etype, names, schema)
     for col in (src.value_column,) if src.layout == "long" else present:
@@ -561,11 +542,14 @@ def _stage(info: StagedFile, lf: pl.LazyFrame, schema: dict[str, pl.DataType], n
                 raise ValueError(f"{path}, line {line}: unbalanced quote character; expected every quoted field "
                                  f"to close on its line") from None
         raise ValueError(f"{path}: could not be read as {src.format} ({_first_line(exc)})") from None
-    # the counts for the report and the file-level checks (columns the reader parsed as numbers hold no text)
-    texts = [c for c in present if schema[c] == pl.String]
     rejected, usable = _staged_files(info.dir)
     if table is not None and usable and pl.scan_ipc(usable).select(pl.col("ts_e").is_null().any()).collect().item():
-        raise _HourTableMissed()  # a usable row without a time: its local time was not in the table
+        # a usable row without a time: its local time was not in the table; staged again, converted the exact way
+        shutil.rmtree(info.dir)
+        return _stage(StagedFile(info.index, path, info.dir), lf, schema, names, src, etype, bad, n_lines, skip_rows,
+                      optimistic)
+    # the counts for the report and the file-level checks (columns the reader parsed as numbers hold no text)
+    texts = [c for c in present if schema[c] == pl.String]
     _summarise(info, src, texts, bad, n_lines, skip_rows, *_staged_summary(rejected, usable, src, texts))
     return info
 
