@@ -108,13 +108,10 @@ def ingest_source(cfg: PlantConfig, src: SourceConfig, watermark: SourceWatermar
             done = pool.map(_run_equipment, jobs)
         else:
             done = (_run_equipment(job) for job in jobs)
-        results = []
-        for job, res in zip(jobs, done):
-            results.append(res)
-            _drop_staged(job)  # while the workers go on: the staging's removal at the end then has little to do
         outputs: dict[Path, tuple[Path, int]] = {}  # final store file -> (staged file, rows)
         per_file: list[pl.DataFrame] = []
-        for job, res in zip(jobs, results):
+        for job, res in zip(jobs, done):
+            _drop_staged(job)  # while the workers go on: the staging's removal at the end then has little to do
             outputs.update(res.outputs)
             for outcome in res.outcomes:
                 _add_outcome(report, outcome)
