@@ -471,9 +471,8 @@ def render(results: list[dict], meta: dict, load: tuple[float, float]) -> str:
                  "on two processes ~2.8, the rest ~0.5 (start, reports, renames). Stage A's CPU: the CSV reader and "
                  "float parsing ~2.4 s, timestamps ~0.4, cleaning ~0.5, the partitioned IPC sink ~1.5. Stage B per "
                  "equipment, one process: 47 ms CPU, of which the three lz4 store files 23 (lz4 ~43% of a file's "
-                 "write, "
-                 "polars' discarded dictionary attempt on every float column ~18%), alignment 7, observations 4, "
-                 "reading the staged rows 3, stuck runs 3, duplicates 2.")
+                 "write, polars' discarded dictionary attempt on every float column ~18%), alignment 7, observations "
+                 "4, reading the staged rows 3, stuck runs 3, duplicates 2.")
     lines.append("- Changes in session 7 (each measured interleaved against the session's first revision; identical "
                  "store files and reports on wide.csv and long_prefix.csv): rows staged by equipment only, not by "
                  "equipment and 32-day period (stage B reads a big equipment in period chunks as row ranges); local "
