@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
@@ -36,8 +38,23 @@ def make_engine(url: str, *, schema: str | None = None, echo: bool = False) -> E
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:  # noqa: ANN001 (DB-API connection)
     cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")  # readers do not block the writer
     cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    _set_wal(cur)  # readers do not block the writer
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA synchronous=NORMAL")  # safe with WAL; a crash loses at most the last commit
     cur.close()
+
+
+def _set_wal(cur) -> None:  # noqa: ANN001 (DB-API cursor)
+    """Switch to WAL, waiting for other connections as the busy timeout says: SQLite answers "database is locked"
+    at once, without its busy handler, when another process holds the fresh database's lock (several processes
+    starting together on a new file: test_concurrent_startups_migrate_once failed ~1 run in 6)."""
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
