@@ -1196,8 +1196,11 @@ def _pick_config(b: int, d: int, L: int, dtype: torch.dtype, device: torch.devic
         # backward alone, 1.27-1.41x the tile-wide version (loads alone 1.03-1.08x; 8-byte groups 1.22-1.24x bf16).
         # CK: checkpoint interval (steps) of the state saved by the forward for the backward, which recomputes
         # inside each chunk; the forward with checkpoints takes it from here (_ck_len), so it can differ by shape.
+        # CK 16 for 4-byte inputs when short of warps (H200, session 8, same-call A/B of forward + backward at
+        # 8 x 1536 fp32: L 2048 3.38 -> 3.07 ms, L 8192 8.31 -> 7.82; bf16 there: 0.99x / 0.95x, so 16-bit keeps 64).
+        ck = 16 if warps < 6 * sms and dtype == torch.float32 else CK_DEFAULT
         cfg = {"BLOCK_D": block_d, "T": T, "num_warps": num_warps, "n_seg": n_seg, "N_POLY": 2,
-               "WB": 16, "WIDE_ST": True, "LA": 4, "CK": CK_DEFAULT}
+               "WB": 16, "WIDE_ST": True, "LA": 4, "CK": ck}
     else:
         # Two forward kernels (docs/notes/triton_scan_notes.md, H200):
         # - one lane per channel, all states in the thread (G = 1), its loads left in the loop for Triton's software
@@ -1249,6 +1252,47 @@ def _n_contig(x: torch.Tensor) -> torch.Tensor:
     """B / C (batch, d_state, L) as a view whose d_state axis is contiguous (memory (batch, L, d_state)): each time
     step's d_state values are one vectorised load. Free when B, C come as transposed views of x_proj output."""
     return x if x.stride(1) == 1 else x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+# Launching. Triton's launcher derives every argument's specialisation (dtype, 16-byte alignment, ints equal to 1 or
+# divisible by 16) and a cache key from them on every call. For these kernels (~45 arguments) that host work is what
+# makes short sequences host-bound (H200 host, session 8: one fwd + bwd at 8 x 1536 x 2048 took 2.0-3.1 ms on the host
+# for 1.5 ms of kernels). _launch keeps the compiled kernel per key of exactly those properties and launches it
+# directly; the first call of a key goes through Triton as before. Only on the Triton version this was checked on
+# (GPU benchmark, every configuration against the fp64 oracle); RMAMBA_TRITON_FAST_LAUNCH=0 / 1 overrides.
+_FAST_LAUNCH = os.environ.get("RMAMBA_TRITON_FAST_LAUNCH",
+                              "1" if triton.__version__.split(".")[:2] == ["3", "6"] else "0") == "1"
+_FAST_CACHE: dict = {}
+
+
+def _arg_key(a):
+    if isinstance(a, torch.Tensor):
+        return a.dtype, a.data_ptr() % 16 == 0
+    if isinstance(a, bool) or a is None:
+        return a
+    if isinstance(a, int):
+        return a == 1, a % 16 == 0, -(1 << 31) <= a < (1 << 31)
+    return type(a)
+
+
+def _launch(kernel, grid, args: tuple, kw: dict):
+    """kernel[grid](*args, **kw); returns the compiled kernel. See _FAST_LAUNCH."""
+    if not _FAST_LAUNCH or os.environ.get("TRITON_INTERPRET") == "1":
+        return kernel[grid](*args, **kw)
+    key = (kernel, args[0].device.index, tuple(kw.items()), tuple(map(_arg_key, args)))
+    hit = _FAST_CACHE.get(key)
+    if hit is None:
+        compiled = kernel[grid](*args, **kw)
+        import inspect
+
+        params = list(inspect.signature(kernel.fn).parameters.values())[len(args):]
+        tail = tuple(kw[p.name] if p.name in kw else p.default for p in params)
+        if compiled is not None and hasattr(compiled, "__getitem__"):
+            _FAST_CACHE[key] = (compiled, tail)
+        return compiled
+    compiled, tail = hit
+    compiled[tuple(grid) + (1,) * (3 - len(grid))](*args, *tail)
+    return compiled
 
 
 # Warp shuffles assume a layout: lane = g + G * channel for the forward's (G, BLOCK_D) tensors, lane = channel % 32 for
@@ -1307,7 +1351,7 @@ def _launch_checked(kernel, grid, args, kw, G: int, redo=None):
     name = kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel)
     if name in _SHFL_OFF:
         kw = dict(kw, SHFL=False)
-    compiled = kernel[grid](*args, **kw)
+    compiled = _launch(kernel, grid, args, kw)
     if not kw.get("SHFL") or compiled is None or not hasattr(compiled, "asm"):
         return
     ok = _SHFL_CHECKED.get(id(compiled))
@@ -1321,7 +1365,7 @@ def _launch_checked(kernel, grid, args, kw, G: int, redo=None):
         _SHFL_OFF.add(name)
         if redo is not None:
             redo()
-        kernel[grid](*args, **dict(kw, SHFL=False))
+        _launch(kernel, grid, args, dict(kw, SHFL=False))
 
 
 def _bc_rows(x: torch.Tensor, NP: int, T: int) -> torch.Tensor:
@@ -1390,7 +1434,7 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, softplus: bool, save_ck: b
 
     def launch(args, kw):
         if check is None:
-            kernel[grid](*args, **kw)
+            _launch(kernel, grid, args, kw)
         else:
             _launch_checked(kernel, grid, args, kw, check)
 
@@ -1402,9 +1446,9 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, softplus: bool, save_ck: b
         hstart = torch.empty((b, n_seg, n, d), **f32)
         fin = torch.empty((b, n, d), **f32)
         total = b * d * n
-        _chain_kernel[(triton.cdiv(total, 512),)](hloc, dsum, A, h0p if h0p is not None else dummy, hstart, fin,
-                                                  total, d, n_seg, N=n, BLOCK=512, HAS_INIT=h0p is not None,
-                                                  REVERSE=False, num_warps=4)
+        _launch(_chain_kernel, (triton.cdiv(total, 512),),
+                (hloc, dsum, A, h0p if h0p is not None else dummy, hstart, fin, total, d, n_seg),
+                dict(N=n, BLOCK=512, HAS_INIT=h0p is not None, REVERSE=False, num_warps=4))
         h0_main, has_h0 = hstart, True
     else:
         h0_main, has_h0 = (h0p if h0p is not None else dummy), h0p is not None
@@ -1433,8 +1477,8 @@ def _backward(dout, dfinal, u, delta, A, B, C, D, z, delta_bias, softplus: bool,
     du = torch.empty((b, d, L), device=dev, dtype=u.dtype)
     ddelta = torch.empty((b, d, L), device=dev, dtype=delta.dtype)
     dz = torch.empty((b, d, L), device=dev, dtype=z.dtype) if z is not None else None
-    dBt = torch.zeros((b, L, NP), **f32)
-    dCt = torch.zeros((b, L, NP), **f32)
+    dBCt = torch.zeros((2, b, L, NP), **f32)     # dB, dC accumulated by atomics: one fill for both
+    dBt, dCt = dBCt[0], dBCt[1]
     dAp = torch.empty((b, n_seg, n, d), **f32)
     dDp = torch.empty((b, n_seg, d), **f32) if D is not None else None
     dbp = torch.empty((b, n_seg, d), **f32) if delta_bias is not None else None
@@ -1468,15 +1512,15 @@ def _backward(dout, dfinal, u, delta, A, B, C, D, z, delta_bias, softplus: bool,
     if n_seg > 1:
         ploc = torch.empty((b, n_seg, n, d), **f32)
         dsum = torch.empty((b, n_seg, d), **f32)
-        _bwd_kernel[grid](u, delta, A, B, C, *opt, dout, dummy, dummy, dummy,
-                          dummy, dummy, dummy, dummy, dummy, dummy, dummy, dummy, dummy, ploc, dsum,
-                          L, d, seg, n_seg, n_ck, *strides, HAS_PEND=False, LOCAL=True, **common)
+        _launch(_bwd_kernel, grid, (u, delta, A, B, C, *opt, dout, dummy, dummy, dummy, dummy, dummy, dummy, dummy,
+                                    dummy, dummy, dummy, dummy, dummy, ploc, dsum, L, d, seg, n_seg, n_ck, *strides),
+                dict(HAS_PEND=False, LOCAL=True, **common))
         pend = torch.empty((b, n_seg, n, d), **f32)
         fin = torch.empty((b, n, d), **f32)
         total = b * d * n
-        _chain_kernel[(triton.cdiv(total, 512),)](ploc, dsum, A, pf if pf is not None else dummy, pend, fin,
-                                                  total, d, n_seg, N=n, BLOCK=512, HAS_INIT=pf is not None,
-                                                  REVERSE=True, num_warps=4)
+        _launch(_chain_kernel, (triton.cdiv(total, 512),),
+                (ploc, dsum, A, pf if pf is not None else dummy, pend, fin, total, d, n_seg),
+                dict(N=n, BLOCK=512, HAS_INIT=pf is not None, REVERSE=True, num_warps=4))
         has_pend = True
     else:
         pend, has_pend = (pf if pf is not None else dummy), pf is not None
@@ -1485,7 +1529,7 @@ def _backward(dout, dfinal, u, delta, A, B, C, D, z, delta_bias, softplus: bool,
                     (u, delta, A, B, C, *opt, dout, ck, pend, scr, du, ddelta, dz if dz is not None else dummy, dBt,
                      dCt, dAp, dDp if dDp is not None else dummy, dbp if dbp is not None else dummy, dh0, dummy, dummy,
                      L, d, seg, n_seg, n_ck, *strides),
-                    dict(HAS_PEND=has_pend, LOCAL=False, **common), 32, redo=lambda: (dBt.zero_(), dCt.zero_()))
+                    dict(HAS_PEND=has_pend, LOCAL=False, **common), 32, redo=dBCt.zero_)
     dB = dBt[:, :, :n].transpose(1, 2)
     dC = dCt[:, :, :n].transpose(1, 2)
     dA = dAp.sum((0, 1)).t()
@@ -1499,7 +1543,10 @@ class _SelectiveScanFn(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, softplus):
         save = any(ctx.needs_input_grad)
         ck_len = _ck_len(*u.shape, u.dtype, u.device) if save else None
+        if save:                        # the backward needs B, C with d_state contiguous: copy them once, here
+            B, C = _n_contig(B), _n_contig(C)
         y, final, ck = _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, save, ck_len)
+        ctx.set_materialize_grads(False)    # an unused output's gradient stays None (no zero tensors to read)
         if save:
             ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ck)
             ctx.softplus = softplus

@@ -363,3 +363,53 @@ def test_wave_segments(ts):
         for n_max in (1, 3, 40, 1000):
             n = ws(warps, 8 * 132, 3, n_max)
             assert 1 <= n <= n_max
+
+
+def test_launch_cache_keys_and_argument_order(ts, monkeypatch):
+    """_launch's cached path (GPU only, so checked here with a stand-in kernel): the first call of a key goes
+    through kernel[grid](...); later calls launch the kept compiled kernel with every parameter in signature order
+    (given positionals, then constexprs from the keywords or their defaults, launch options left out) on a 3-D grid;
+    a change in what Triton specialises on (alignment, an int becoming 1 / not divisible by 16, dtype, a constexpr)
+    is a new key."""
+    calls = []
+
+    class Compiled:
+        def __getitem__(self, grid):
+            return lambda *a: calls.append(("cached", grid, a))
+
+    def body(x_ptr, y_ptr, n, stride, BLOCK, FLAG=True, EV=""):                 # a kernel: constexprs last
+        pass
+
+    class Kernel:
+        fn = staticmethod(body)
+
+        def __getitem__(self, grid):
+            def run(*a, **kw):
+                calls.append(("triton", grid, a, kw))
+                return Compiled()
+            return run
+
+    monkeypatch.setattr(ts, "_FAST_LAUNCH", True)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setattr(ts, "_FAST_CACHE", {})
+    k = Kernel()
+    buf = torch.zeros(64)
+    x, y = buf[:16], buf[16:32]
+    ts._launch(k, (3,), (x, y, 32, 48), dict(BLOCK=8, num_warps=4))
+    ts._launch(k, (5, 2), (y, x, 64, 16), dict(BLOCK=8, num_warps=4))          # same key: aligned, %16, fp32
+    assert calls[0][0] == "triton" and calls[1] == ("cached", (5, 2, 1), (y, x, 64, 16, 8, True, ""))
+    variants = [((buf[1:17], y, 32, 48), dict(BLOCK=8, num_warps=4)),          # x not 16-byte aligned
+                ((x, y, 1, 48), dict(BLOCK=8, num_warps=4)),                   # n == 1
+                ((x, y, 33, 48), dict(BLOCK=8, num_warps=4)),                  # n not a multiple of 16
+                ((x.double(), y, 32, 48), dict(BLOCK=8, num_warps=4)),         # dtype
+                ((x, y, 32, 48), dict(BLOCK=16, num_warps=4)),                 # constexpr
+                ((x, y, 32, 48), dict(BLOCK=8, num_warps=8)),                  # launch option
+                ((x, y, 1 << 31, 48), dict(BLOCK=8, num_warps=4))]             # 64-bit int
+    for args, kw in variants:
+        n = len(calls)
+        ts._launch(k, (1,), args, kw)
+        assert calls[n][0] == "triton", (args[2:], kw)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")                               # the interpreter never caches
+    n = len(calls)
+    ts._launch(k, (1,), (x, y, 32, 48), dict(BLOCK=8, num_warps=4))
+    assert calls[n][0] == "triton"
