@@ -168,6 +168,22 @@ def queued_time(fn, reps: int = 30, warmup: int = 3) -> dict:
     return {"median_ms": statistics.median(times), "min_ms": times[0], "max_ms": times[-1], "reps": reps}
 
 
+def host_time(fn, reps: int = 15) -> dict:
+    """Host time of one call (ms): the GPU is first given ~30 ms of work (torch.cuda._sleep), so the host never
+    waits for it and the wall time of fn() is what the host spends preparing and launching the call."""
+    fn()
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        torch.cuda._sleep(60_000_000)
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
+    times.sort()
+    return {"median_ms": statistics.median(times), "min_ms": times[0], "max_ms": times[-1], "reps": reps}
+
+
 def graph_time(fn, calls=100) -> float:
     """Mean GPU time per call (ms) from replaying a CUDA graph of `calls` back-to-back calls."""
     s = torch.cuda.Stream()
@@ -507,7 +523,8 @@ def _queued_pair(rec: dict, part: str, ours, theirs) -> None:
         runs["triton"].append(queued_time(ours, reps=reps))
         runs["mamba"].append(queued_time(theirs, reps=reps))
     q = {k: min(v, key=lambda t: t["median_ms"]) for k, v in runs.items()}
-    rec[part + "_q"] = {**q, "speedup": q["mamba"]["median_ms"] / q["triton"]["median_ms"]}
+    rec[part + "_q"] = {**q, "speedup": q["mamba"]["median_ms"] / q["triton"]["median_ms"],
+                        "triton_host": host_time(ours)}
 
 
 SPLIT_FWD = {"G": 4, "T": 8, "TC": 4, "BC_PRE": True, "FMA_RCP": True, "N_POLY": 0}
@@ -1001,14 +1018,16 @@ def render(res: dict) -> str:
         lines += ["", "The same calls queued back to back (one CUDA-event pair per call, one sync at the end of a "
                   "round, as a training loop runs them: the host prepares the next call while the GPU runs this one, "
                   "so host launch latency shows only where the host is the slower side). Median of each round, the "
-                  "better of two interleaved rounds per side, ms:", "",
-                  "| shape (b, d_inner, L) | dtype | Triton fwd | mamba-ssm fwd | speed-up | Triton fwd+bwd "
-                  "| mamba-ssm fwd+bwd | speed-up |", "|---|---|---|---|---|---|---|---|"]
+                  "better of two interleaved rounds per side, ms; 'host': the host time of one of our calls, measured "
+                  "with the GPU kept busy (where it is near the queued time, the row is host-bound):", "",
+                  "| shape (b, d_inner, L) | dtype | Triton fwd | host | mamba-ssm fwd | speed-up | Triton fwd+bwd "
+                  "| host | mamba-ssm fwd+bwd | speed-up |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in queued:
             cells = []
             for part in ("fwd_q", "fwdbwd_q"):
                 q = r.get(part)
-                cells += ([fmt_t(q["triton"]), fmt_t(q["mamba"]), ratio(q["speedup"])] if q else ["-", "-", "-"])
+                cells += ([fmt_t(q["triton"]), fmt_t(q.get("triton_host")), fmt_t(q["mamba"]), ratio(q["speedup"])]
+                          if q else ["-"] * 4)
             lines.append(f"| {r['batch']}, {r['d_inner']}, {r['L']} | {r['dtype']} | " + " | ".join(cells) + " |")
     if res.get("step"):
         lines += ["", "One-step update (streaming), d_state 16, state fp32, activations bf16. GPU time per call (ms) "

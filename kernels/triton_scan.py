@@ -51,6 +51,7 @@ Design (why it is shaped like this; measurements, and what did not pan out: docs
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -1168,6 +1169,16 @@ def _num_sms(device: torch.device) -> int:
     return 4
 
 
+# _pick_config runs two or three times per forward + backward; its answer depends only on these arguments (and
+# CK_DEFAULT, which the tests change), so it is kept. In a torch.profiler trace on the H200 host (session 8, 8 x 1536
+# x 2048) the stretches of host time where it runs, with no torch op in them, were ~100-130 us each, the device
+# query the likely part (not timed on its own); on this 2-core CPU a fresh pick is ~5 us, a kept one 0.4 us.
+@functools.lru_cache(maxsize=1024)
+def _base_config(b: int, d: int, L: int, dtype: torch.dtype, device: torch.device, backward: bool,
+                 ck_default: int) -> dict:
+    return _fresh_config(b, d, L, dtype, device, backward)
+
+
 def _wave_segments(warps: int, cap: int, min_waves: int, n_max: int) -> int:
     """Segment count for a pass of `warps` one-warp programs per segment on a GPU that holds `cap` of them at once:
     at least `min_waves` waves if segments may be that many (n_max: segments >= 4 chunks long), and among up to
@@ -1180,6 +1191,12 @@ def _wave_segments(warps: int, cap: int, min_waves: int, n_max: int) -> int:
 
 def _pick_config(b: int, d: int, L: int, dtype: torch.dtype, device: torch.device, backward: bool) -> dict:
     """Block shapes and the number of parallel segments. Overridable for tuning via _CONFIG_OVERRIDE."""
+    cfg = dict(_base_config(b, d, L, dtype, device, backward, CK_DEFAULT))
+    cfg.update(_CONFIG_OVERRIDE.get("bwd" if backward else "fwd", {}))
+    return cfg
+
+
+def _fresh_config(b: int, d: int, L: int, dtype: torch.dtype, device: torch.device, backward: bool) -> dict:
     sms = _num_sms(device)
     if backward:
         block_d, num_warps = (32, 1)
@@ -1224,7 +1241,6 @@ def _pick_config(b: int, d: int, L: int, dtype: torch.dtype, device: torch.devic
             n_seg = 1 if warps1 >= 6 * sms else _wave_segments(warps1, 16 * sms, 2, triton.cdiv(L, 4 * CK_DEFAULT))
             cfg = {"G": 1, "BLOCK_D": 32, "T": 8, "STAGES": 3, "num_warps": 1, "n_seg": n_seg, "N_POLY": 2}
     cfg["n_seg"] = max(1, min(cfg["n_seg"], triton.cdiv(L, 4 * CK_DEFAULT)))
-    cfg.update(_CONFIG_OVERRIDE.get("bwd" if backward else "fwd", {}))
     return cfg
 
 
