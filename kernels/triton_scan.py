@@ -58,6 +58,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels._host import cdiv, next_pow2
+
 LOG2E = tl.constexpr(1.4426950408889634)
 
 # 2^f on f in [-0.5, 0.5] as 1 + f*(P1 + f*(P2 + ...)): near-minimax relative error 9e-8 (1.8e-7 after fp32
@@ -1184,9 +1186,9 @@ def _wave_segments(warps: int, cap: int, min_waves: int, n_max: int) -> int:
     at least `min_waves` waves if segments may be that many (n_max: segments >= 4 chunks long), and among up to
     twice that count the one whose last wave is fullest (least time per segment-length: ceil(waves) / n_seg;
     ties to fewer segments)."""
-    lo = max(1, min(triton.cdiv(min_waves * cap, warps), n_max))
+    lo = max(1, min(cdiv(min_waves * cap, warps), n_max))
     hi = max(lo, min(2 * lo, n_max))
-    return min(range(lo, hi + 1), key=lambda n: (triton.cdiv(n * warps, cap) / n, n))
+    return min(range(lo, hi + 1), key=lambda n: (cdiv(n * warps, cap) / n, n))
 
 
 def _pick_config(b: int, d: int, L: int, dtype: torch.dtype, device: torch.device, backward: bool) -> dict:
@@ -1201,13 +1203,13 @@ def _fresh_config(b: int, d: int, L: int, dtype: torch.dtype, device: torch.devi
     if backward:
         block_d, num_warps = (32, 1)
         T = 2                           # backward keeps T steps of states and decays live: T = 4 spills registers
-        warps = b * triton.cdiv(d, block_d) * num_warps
+        warps = b * cdiv(d, block_d) * num_warps
         # The loop is latency-bound below ~6 warps per SM (8 x 4096 runs fastest with 1 segment), so split only when
         # short of warps; then fill whole waves: the main pass holds 8 one-warp programs per SM (255 registers) and
         # all programs are equally long, so 1.5 waves cost as much as 2 (H200, session 6: 8 x 1536 x 32768 bf16,
         # backward 19.3 ms at 5 segments = 1.8 waves, 22.2 at 4 = 1.45 waves, 18.7-19.0 at 8 / 11 = 2.9 / 4 waves;
         # 1 x 1536 x 1M: 85.4 ms at 33 = 1.5 waves, 76.7 / 74.3 / 73.2 at 1 / 2 / 3 waves).
-        n_seg = 1 if warps >= 6 * sms else _wave_segments(warps, 8 * sms, 3, triton.cdiv(L, 4 * CK_DEFAULT))
+        n_seg = 1 if warps >= 6 * sms else _wave_segments(warps, 8 * sms, 3, cdiv(L, 4 * CK_DEFAULT))
         # Per-element inputs read 16 bytes per lane at a time (8 bf16 / 4 fp32 steps), gradients collected and
         # written likewise, the next group's inputs loaded at the current group's first tile (LA 4 >= W / T): H200,
         # backward alone, 1.27-1.41x the tile-wide version (loads alone 1.03-1.08x; 8-byte groups 1.22-1.24x bf16).
@@ -1227,7 +1229,7 @@ def _fresh_config(b: int, d: int, L: int, dtype: torch.dtype, device: torch.devi
         # - d_state split over G = 4 lanes (T = 8): 4x the warps in one pass; since session 4 only at short
         #   sequences of 8 x 1536 16-bit (L = 2048: 0.544 vs 0.575 ms; at L = 8192 the first is 1.10x faster,
         #   at 32768 1.19x).
-        warps1 = b * triton.cdiv(d, 32)
+        warps1 = b * cdiv(d, 32)
         warps4 = b * d * 4 // 32
         if dtype in (torch.bfloat16, torch.float16) and warps1 < 6 * sms <= warps4 and L <= 4096:
             cfg = {"G": 4, "T": 8, "TC": 4, "BC_PRE": True, "FMA_RCP": True, "num_warps": 1, "n_seg": 1,
@@ -1238,9 +1240,9 @@ def _fresh_config(b: int, d: int, L: int, dtype: torch.dtype, device: torch.devi
             # main pass (16 one-warp programs per SM at <= 128 registers). H200, session 6: 8 x 1536 x 32768
             # forward with checkpoints 6.25 ms (bf16) / 6.81 (fp32) at 5 segments, 5.75 / 5.77 at 11 (2 waves);
             # 1 x 1536 x 1M 24.7 at 33, 24.2 at 66.
-            n_seg = 1 if warps1 >= 6 * sms else _wave_segments(warps1, 16 * sms, 2, triton.cdiv(L, 4 * CK_DEFAULT))
+            n_seg = 1 if warps1 >= 6 * sms else _wave_segments(warps1, 16 * sms, 2, cdiv(L, 4 * CK_DEFAULT))
             cfg = {"G": 1, "BLOCK_D": 32, "T": 8, "STAGES": 3, "num_warps": 1, "n_seg": n_seg, "N_POLY": 2}
-    cfg["n_seg"] = max(1, min(cfg["n_seg"], triton.cdiv(L, 4 * CK_DEFAULT)))
+    cfg["n_seg"] = max(1, min(cfg["n_seg"], cdiv(L, 4 * CK_DEFAULT)))
     return cfg
 
 
@@ -1260,8 +1262,8 @@ def _lastdim_contig(x: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _seg_len(L: int, n_seg: int, ck: int) -> tuple[int, int]:
-    seg = triton.cdiv(triton.cdiv(L, n_seg), ck) * ck
-    return seg, triton.cdiv(L, seg)
+    seg = cdiv(cdiv(L, n_seg), ck) * ck
+    return seg, cdiv(L, seg)
 
 
 def _n_contig(x: torch.Tensor) -> torch.Tensor:
@@ -1391,7 +1393,7 @@ def _bc_rows(x: torch.Tensor, NP: int, T: int) -> torch.Tensor:
     one contiguous row per time step, so a lane's states of one step are one vector load, and whole tiles load
     without masks. One small copy (the tensor is d_inner times smaller than u)."""
     b, n, L = x.shape
-    Lb = triton.cdiv(L, T) * T
+    Lb = cdiv(L, T) * T
     out = torch.empty((b, Lb, NP), device=x.device, dtype=torch.float32)
     if NP > n:
         out[:, :, n:].zero_()
@@ -1406,7 +1408,7 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, softplus: bool, save_ck: b
     ck_len: checkpoint interval when save_ck (default: the backward config's, _ck_len)."""
     b, d, L = u.shape
     n = A.shape[1]
-    NP = triton.next_power_of_2(n)
+    NP = next_pow2(n)
     dev = u.device
     cfg = _pick_config(b, d, L, u.dtype, dev, backward=False)
     G, T, nw = min(cfg.get("G", 1), NP), cfg["T"], cfg["num_warps"]
@@ -1415,7 +1417,7 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, softplus: bool, save_ck: b
     elif ck_len is None:
         ck_len = _ck_len(b, d, L, u.dtype, dev)
     seg, n_seg = _seg_len(L, cfg["n_seg"], ck_len)
-    n_ck = triton.cdiv(L, ck_len)
+    n_ck = cdiv(L, ck_len)
     f32 = dict(device=dev, dtype=torch.float32)
     y = torch.empty((b, d, L), device=dev, dtype=u.dtype)
     hout = torch.empty((b, n_seg, n, d), **f32)
@@ -1448,7 +1450,7 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, softplus: bool, save_ck: b
         sizes = (bc[0].shape[1],)                                              # L_bc
         strides = (u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), zz.stride(0), zz.stride(1),
                    y.stride(0), y.stride(1))
-    grid = (triton.cdiv(d, BD), b, n_seg)
+    grid = (cdiv(d, BD), b, n_seg)
 
     def launch(args, kw):
         if check is None:
@@ -1464,7 +1466,7 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, softplus: bool, save_ck: b
         hstart = torch.empty((b, n_seg, n, d), **f32)
         fin = torch.empty((b, n, d), **f32)
         total = b * d * n
-        _launch(_chain_kernel, (triton.cdiv(total, 512),),
+        _launch(_chain_kernel, (cdiv(total, 512),),
                 (hloc, dsum, A, h0p if h0p is not None else dummy, hstart, fin, total, d, n_seg),
                 dict(N=n, BLOCK=512, HAS_INIT=h0p is not None, REVERSE=False, num_warps=4))
         h0_main, has_h0 = hstart, True
@@ -1482,15 +1484,15 @@ def _backward(dout, dfinal, u, delta, A, B, C, D, z, delta_bias, softplus: bool,
     B, C = _n_contig(B), _n_contig(C)
     b, d, L = u.shape
     n = A.shape[1]
-    NP = triton.next_power_of_2(n)
+    NP = next_pow2(n)
     dev = u.device
     cfg = _pick_config(b, d, L, u.dtype, dev, backward=True)
     BD, T, nw = cfg["BLOCK_D"], cfg["T"], cfg["num_warps"]
     ck_len = ck_len or cfg.get("CK", CK_DEFAULT)
     seg, n_seg = _seg_len(L, cfg["n_seg"], ck_len)
     n_ck = ck.shape[1]
-    assert n_ck == triton.cdiv(L, ck_len), (n_ck, L, ck_len)    # checkpoints written at another spacing
-    n_db = triton.cdiv(d, BD)
+    assert n_ck == cdiv(L, ck_len), (n_ck, L, ck_len)    # checkpoints written at another spacing
+    n_db = cdiv(d, BD)
     f32 = dict(device=dev, dtype=torch.float32)
     du = torch.empty((b, d, L), device=dev, dtype=u.dtype)
     ddelta = torch.empty((b, d, L), device=dev, dtype=delta.dtype)
@@ -1536,7 +1538,7 @@ def _backward(dout, dfinal, u, delta, A, B, C, D, z, delta_bias, softplus: bool,
         pend = torch.empty((b, n_seg, n, d), **f32)
         fin = torch.empty((b, n, d), **f32)
         total = b * d * n
-        _launch(_chain_kernel, (triton.cdiv(total, 512),),
+        _launch(_chain_kernel, (cdiv(total, 512),),
                 (ploc, dsum, A, pf if pf is not None else dummy, pend, fin, total, d, n_seg),
                 dict(N=n, BLOCK=512, HAS_INIT=pf is not None, REVERSE=True, num_warps=4))
         has_pend = True

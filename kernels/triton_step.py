@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels._host import cdiv, next_pow2
 from kernels.triton_scan import LOG2E, _sigmoid, _softplus
 
 # The step is a few microseconds: its time is latency (one round of loads, exp2, one round of stores), so the best
@@ -118,11 +119,11 @@ def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias
     A = A.contiguous()
     y = torch.empty((b, d), device=x.device, dtype=x.dtype)
     dummy = y
-    np2 = triton.next_power_of_2(n)
-    _step_kernel[lambda meta: (triton.cdiv(d, meta["BLOCK_D"]), b)](
+    np2 = next_pow2(n)
+    _step_kernel[lambda meta: (cdiv(d, meta["BLOCK_D"]), b)](
         state, x, dt, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
         dt_bias if dt_bias is not None else dummy, y,
-        d, triton.next_power_of_2(b), state.stride(0), state.stride(1), x.stride(0), dt.stride(0), B.stride(0),
+        d, next_pow2(b), state.stride(0), state.stride(1), x.stride(0), dt.stride(0), B.stride(0),
         C.stride(0),
         z.stride(0) if z is not None else 0, y.stride(0),
         N=n, NP=np2, HAS_D=D is not None, HAS_Z=z is not None,
