@@ -413,3 +413,15 @@ def test_launch_cache_keys_and_argument_order(ts, monkeypatch):
     n = len(calls)
     ts._launch(k, (1,), (x, y, 32, 48), dict(BLOCK=8, num_warps=4))
     assert calls[n][0] == "triton"
+
+
+def test_host_integer_helpers_match_triton():
+    """kernels._host's cdiv / next_pow2 (the host code's replacements for Triton's constexpr functions) agree with
+    Triton's on every value the kernels' host code can pass."""
+    from kernels._host import cdiv, next_pow2
+
+    for a in range(1, 3000):
+        assert next_pow2(a) == triton.next_power_of_2(a), a
+        for b in (1, 2, 3, 7, 16, 32, 512):
+            assert cdiv(a, b) == triton.cdiv(a, b), (a, b)
+    assert cdiv(0, 5) == 0 and next_pow2(1 << 40) == 1 << 40 and next_pow2((1 << 40) + 1) == 1 << 41
