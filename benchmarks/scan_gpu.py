@@ -768,35 +768,22 @@ def reference_and_compile(out: dict, with_compile: bool = True) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ config A/B
-ONE_LANE_FWD = {"G": 1, "BLOCK_D": 32, "T": 8, "STAGES": 3, "num_warps": 1, "N_POLY": 2}
 
-# Session 7's planned same-call A/B at the issue-5 misses (8 x 1536; docs/notes/triton_scan_notes.md). Variants
-# override _pick_config's "fwd" / "bwd" configs on top of each shape's defaults ("default" is always run first);
-# "L" / "dtype" limit a variant to those shapes. "train" = forward with checkpoints + backward, "fwd" = inference.
+# The next same-call A/B (session 8's prepared work; session 7's plan of CK / segment / forward-kernel variants ran
+# in session 8, results in docs/notes/triton_scan_notes.md). Variants override _pick_config's "fwd" / "bwd" configs
+# on top of each shape's defaults ("default" is always run first); "L" / "dtype" limit a variant to those shapes.
+# "train" = forward with checkpoints + backward, "fwd" = inference. CHAIN_IN: the main passes chain their start
+# state / incoming carry themselves (two launches and three buffers fewer per fwd + bwd when segmented).
 AB_PLAN = {
-    "shapes": "8x1536x2048:bfloat16,8x1536x8192:bfloat16,8x1536x2048:float32,8x1536x8192:float32",
+    "shapes": "8x1536x2048:bfloat16,8x1536x2048:float32,8x1536x8192:bfloat16,8x1536x8192:float32",
     "profile": True,
     "train": {
-        "ck32": {"bwd": {"CK": 32}},
-        "ck16": {"bwd": {"CK": 16}},
-        "ck16_s16": {"bwd": {"CK": 16, "n_seg": 16}},
-        "s11": {"bwd": {"n_seg": 11}, "L": [2048]},
-        "s5": {"bwd": {"n_seg": 5}, "L": [2048]},
-        "ck32_s11": {"bwd": {"CK": 32, "n_seg": 11}, "L": [2048]},
-        "ck16_s11": {"bwd": {"CK": 16, "n_seg": 11}, "L": [2048]},
-        "ck16_s22": {"bwd": {"CK": 16, "n_seg": 22}, "L": [8192]},
-        "ck16_fwd_one8": {"bwd": {"CK": 16}, "fwd": {**ONE_LANE_FWD, "n_seg": 8}, "L": [2048],
-                          "dtype": ["bfloat16"]},
-        "ck16_fwd_split": {"bwd": {"CK": 16}, "fwd": {**SPLIT_FWD, "num_warps": 1, "n_seg": 1}, "L": [2048],
-                           "dtype": ["float32"]},
+        "chain_in": {"fwd": {"CHAIN_IN": True}, "bwd": {"CHAIN_IN": True}},
+        "chain_in_bwd": {"bwd": {"CHAIN_IN": True}},
     },
-    "fwd": {
-        "one8": {"fwd": {**ONE_LANE_FWD, "n_seg": 8}, "L": [2048], "dtype": ["bfloat16"]},
-        "one11": {"fwd": {**ONE_LANE_FWD, "n_seg": 11}, "L": [2048]},
-        "one16": {"fwd": {**ONE_LANE_FWD, "n_seg": 16}},
-        "one22": {"fwd": {**ONE_LANE_FWD, "n_seg": 22}, "L": [8192]},
-        "split": {"fwd": {**SPLIT_FWD, "num_warps": 1, "n_seg": 1}, "dtype": ["float32"]},
-        "split_8k": {"fwd": {**SPLIT_FWD, "num_warps": 1, "n_seg": 1}, "L": [8192], "dtype": ["bfloat16"]},
+    "fwd": {        # bf16 at L 2048 runs the split kernel in one pass: nothing to chain there
+        "chain_in": {"fwd": {"CHAIN_IN": True}, "dtype": ["float32"]},
+        "chain_in_bf16": {"fwd": {"CHAIN_IN": True}, "L": [8192], "dtype": ["bfloat16"]},
     },
 }
 

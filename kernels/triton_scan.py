@@ -340,6 +340,18 @@ def _zeros_state(BLOCK_D: tl.constexpr, N: tl.constexpr):
 
 
 @triton.jit
+def _chain_step(h, A2, loc_ptr, dsum_ptr, seg_row, d_inner, offs_d, d_ok, N: tl.constexpr):
+    """One link of the segment chain, as _chain_kernel computes it: h <- exp2(A2 * sum(delta)) * h + loc for the
+    segment at seg_row = batch * n_seg + s (loc: (batch, n_seg, N, d_inner); dsum: (batch, n_seg, d_inner))."""
+    ds = tl.load(dsum_ptr + seg_row * d_inner + offs_d, mask=d_ok, other=0.0)
+    out = ()
+    for n in tl.static_range(N):
+        loc = tl.load(loc_ptr + (seg_row * N + n) * d_inner + offs_d, mask=d_ok, other=0.0)
+        out = out + (tl.exp2(A2[n] * ds) * h[n] + loc,)
+    return out
+
+
+@triton.jit
 def _delta(dt_raw, m2, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
     """delta tile (D, T) in fp32 from its raw load: (+ bias) (-> softplus), zero on padded steps (decay 1, no
     input). Also returns the pre-softplus value (for the softplus gradient)."""
@@ -412,18 +424,22 @@ def _fwd_tile(cur, h, dsum, t0, L, A2, bias, Dv, y_row, ck_ptr, b64, n_ck, d_inn
 @triton.jit(do_not_specialize=["n_seg", "n_ck"])
 def _fwd_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, Dv_ptr, z_ptr, bias_ptr,
-    h0_ptr, y_ptr, hout_ptr, dsum_ptr, ck_ptr,
+    h0_ptr, y_ptr, hout_ptr, dsum_ptr, ck_ptr, loc_ptr,
     L, d_inner, seg_len, n_seg, n_ck,
     s_ub, s_ud, s_tb, s_td, s_Bb, s_Bt, s_Cb, s_Ct, s_zb, s_zd, s_yb, s_yd,
     N: tl.constexpr, NP: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr, CK: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, LOCAL: tl.constexpr, N_POLY: tl.constexpr, STAGES: tl.constexpr = 0,
+    CHAIN_IN: tl.constexpr = False,
 ):
     """One (channel block, batch row, segment). LOCAL: zero start, write end state + sum(delta), no y.
 
     State buffers are (batch, n_seg, N, d_inner) fp32 (h0: start states in, hout: end states out);
     dsum: (batch, n_seg, d_inner); ck: (batch, n_ck, N, d_inner), the state before step c * CK (when CK > 0).
     B, C are read with d_state contiguous (strides s_Bt / s_Ct over time).
+    CHAIN_IN (main pass): the program chains its start state itself instead of reading it from _chain_kernel's
+    output: h0 (batch, N, d_inner) if HAS_H0, else zero, carried over the earlier segments' LOCAL results
+    (loc: end states from a zero start, dsum: their sums of delta).
     """
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1)
@@ -447,7 +463,14 @@ def _fwd_kernel(
         Dv = bias
 
     st_row = (b64 * n_seg + pid_s) * N
-    if HAS_H0:
+    if CHAIN_IN:
+        if HAS_H0:
+            h = _load_state(h0_ptr, b64 * N, d_inner, offs_d, d_ok, N)
+        else:
+            h = _zeros_state(BLOCK_D, N)
+        for s in range(pid_s):
+            h = _chain_step(h, A2, loc_ptr, dsum_ptr, b64 * n_seg + s, d_inner, offs_d, d_ok, N)
+    elif HAS_H0:
         h = _load_state(h0_ptr, st_row, d_inner, offs_d, d_ok, N)
     else:
         h = _zeros_state(BLOCK_D, N)
@@ -618,7 +641,7 @@ def _bc_chunk(B_b, C_b, t0, NP: tl.constexpr, bc_off, G: tl.constexpr, BLOCK_D: 
 @triton.jit(do_not_specialize=["n_seg", "n_ck"])
 def _fwd_split_kernel(
     u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, Dv_ptr, z_ptr, bias_ptr,
-    h0_ptr, y_ptr, hout_ptr, dsum_ptr, ck_ptr,
+    h0_ptr, y_ptr, hout_ptr, dsum_ptr, ck_ptr, loc_ptr,
     L, L_bc, d_inner, seg_len, n_seg, n_ck,
     s_ub, s_ud, s_tb, s_td, s_zb, s_zd, s_yb, s_yd,
     N: tl.constexpr, NP: tl.constexpr, G: tl.constexpr, BLOCK_D: tl.constexpr, T: tl.constexpr,
@@ -635,6 +658,7 @@ def _fwd_split_kernel(
     State buffers are (batch, n_seg, N, d_inner) fp32 (h0: start states in, hout: end states out);
     dsum: (batch, n_seg, d_inner); ck: (batch, n_ck, N, d_inner), the state before step c * CK (when CK > 0).
     B, C: (batch, L_bc, NP) fp32, contiguous, zero past L (L_bc a multiple of T: the loads need no mask).
+    loc_ptr: unused (the one-lane kernel's CHAIN_IN input; the arguments of both kernels are the same).
     """
     NS: tl.constexpr = NP // G
     TL: tl.constexpr = T // G
@@ -943,7 +967,7 @@ def _bwd_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_PEND: tl.constexpr, LOCAL: tl.constexpr, N_POLY: tl.constexpr, SHFL: tl.constexpr,
     MF: tl.constexpr, LOWB: tl.constexpr, W: tl.constexpr = 2, PACK: tl.constexpr = False,
-    WS: tl.constexpr = 2, LA: tl.constexpr = 1,
+    WS: tl.constexpr = 2, LA: tl.constexpr = 1, CHAIN_IN: tl.constexpr = False,
 ):
     """Backward of one (channel block, batch row, segment).
 
@@ -965,6 +989,9 @@ def _bwd_kernel(
     place j in the group. WS = W: du / ddelta / dz collected the same way and written a group at a time (WS = T:
     per tile).
     LA: tiles of look-ahead for the next group's inputs in phase B (the parked state: one tile).
+    CHAIN_IN (main pass): the program chains its incoming carry itself instead of reading _chain_kernel's output:
+    pend (batch, N, d_inner) if HAS_PEND, else zero, carried down over the later segments' LOCAL results (ploc,
+    dsum).
     """
     S: tl.constexpr = W // T
     EP: tl.constexpr = 2 if PACK else 1          # steps per loaded unit (a 32-bit word of two 16-bit steps)
@@ -997,7 +1024,14 @@ def _bwd_kernel(
         Dv = tl.zeros((BLOCK_D,), dtype=tl.float32)
 
     st_row = (b64 * n_seg + pid_s) * N
-    if HAS_PEND:
+    if CHAIN_IN:
+        if HAS_PEND:
+            p = _load_state(pend_ptr, b64 * N, d_inner, offs_d, d_ok, N)
+        else:
+            p = _zeros_state(BLOCK_D, N)
+        for k in range(n_seg - 1 - pid_s):
+            p = _chain_step(p, A2, ploc_ptr, dsum_ptr, b64 * n_seg + (n_seg - 1 - k), d_inner, offs_d, d_ok, N)
+    elif HAS_PEND:
         p = _load_state(pend_ptr, st_row, d_inner, offs_d, d_ok, N)
     else:
         p = _zeros_state(BLOCK_D, N)
@@ -1458,22 +1492,30 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, softplus: bool, save_ck: b
         else:
             _launch_checked(kernel, grid, args, kw, check)
 
+    h0_main, has_h0 = (h0p if h0p is not None else dummy), h0p is not None
+    loc = dsum = dummy
+    chain_in = False
     if n_seg > 1:
         hloc = torch.empty((b, n_seg, n, d), **f32)
         dsum = torch.empty((b, n_seg, d), **f32)
-        launch((u, delta, A, *bc, *opt, dummy, y, hloc, dsum, dummy, L, *sizes, d, seg, n_seg, 1, *strides),
+        launch((u, delta, A, *bc, *opt, dummy, y, hloc, dsum, dummy, dummy, L, *sizes, d, seg, n_seg, 1, *strides),
                dict(CK=0, HAS_H0=False, LOCAL=True, **common))
-        hstart = torch.empty((b, n_seg, n, d), **f32)
-        fin = torch.empty((b, n, d), **f32)
-        total = b * d * n
-        _launch(_chain_kernel, (cdiv(total, 512),),
-                (hloc, dsum, A, h0p if h0p is not None else dummy, hstart, fin, total, d, n_seg),
-                dict(N=n, BLOCK=512, HAS_INIT=h0p is not None, REVERSE=False, num_warps=4))
-        h0_main, has_h0 = hstart, True
-    else:
-        h0_main, has_h0 = (h0p if h0p is not None else dummy), h0p is not None
-    launch((u, delta, A, *bc, *opt, h0_main, y, hout, dummy, ck, L, *sizes, d, seg, n_seg, n_ck, *strides),
-           dict(CK=ck_len if save_ck else 0, HAS_H0=has_h0, LOCAL=False, **common))
+        chain_in = bool(cfg.get("CHAIN_IN")) and G == 1      # the main pass chains its start state itself
+        if chain_in:
+            loc = hloc
+        else:
+            hstart = torch.empty((b, n_seg, n, d), **f32)
+            fin = torch.empty((b, n, d), **f32)
+            total = b * d * n
+            _launch(_chain_kernel, (cdiv(total, 512),),
+                    (hloc, dsum, A, h0p if h0p is not None else dummy, hstart, fin, total, d, n_seg),
+                    dict(N=n, BLOCK=512, HAS_INIT=h0p is not None, REVERSE=False, num_warps=4))
+            h0_main, has_h0, dsum = hstart, True, dummy
+    main_kw = dict(CK=ck_len if save_ck else 0, HAS_H0=has_h0, LOCAL=False, **common)
+    if chain_in:
+        main_kw["CHAIN_IN"] = True
+    launch((u, delta, A, *bc, *opt, h0_main, y, hout, dsum, ck, loc, L, *sizes, d, seg, n_seg, n_ck, *strides),
+           main_kw)
     final = hout[:, -1].transpose(1, 2).contiguous()
     return y, final, (ck if save_ck else None)
 
@@ -1529,27 +1571,33 @@ def _backward(dout, dfinal, u, delta, A, B, C, D, z, delta_bias, softplus: bool,
                C.stride(0), C.stride(2), zz.stride(0), zz.stride(1), dout.stride(0), dout.stride(1))
     pf = dfinal.float().transpose(1, 2).contiguous() if dfinal is not None else None     # (b, n, d)
     opt = (D if D is not None else dummy, zz, delta_bias if delta_bias is not None else dummy)
+    pend, has_pend = (pf if pf is not None else dummy), pf is not None
+    ploc = dsum = dummy
+    chain_in = False
     if n_seg > 1:
         ploc = torch.empty((b, n_seg, n, d), **f32)
         dsum = torch.empty((b, n_seg, d), **f32)
         _launch(_bwd_kernel, grid, (u, delta, A, B, C, *opt, dout, dummy, dummy, dummy, dummy, dummy, dummy, dummy,
                                     dummy, dummy, dummy, dummy, dummy, ploc, dsum, L, d, seg, n_seg, n_ck, *strides),
                 dict(HAS_PEND=False, LOCAL=True, **common))
-        pend = torch.empty((b, n_seg, n, d), **f32)
-        fin = torch.empty((b, n, d), **f32)
-        total = b * d * n
-        _launch(_chain_kernel, (cdiv(total, 512),),
-                (ploc, dsum, A, pf if pf is not None else dummy, pend, fin, total, d, n_seg),
-                dict(N=n, BLOCK=512, HAS_INIT=pf is not None, REVERSE=True, num_warps=4))
-        has_pend = True
-    else:
-        pend, has_pend = (pf if pf is not None else dummy), pf is not None
+        chain_in = bool(cfg.get("CHAIN_IN"))     # the main pass chains its incoming carry itself
+        if not chain_in:
+            pend = torch.empty((b, n_seg, n, d), **f32)
+            fin = torch.empty((b, n, d), **f32)
+            total = b * d * n
+            _launch(_chain_kernel, (cdiv(total, 512),),
+                    (ploc, dsum, A, pf if pf is not None else dummy, pend, fin, total, d, n_seg),
+                    dict(N=n, BLOCK=512, HAS_INIT=pf is not None, REVERSE=True, num_warps=4))
+            has_pend, ploc, dsum = True, dummy, dummy
+    main_kw = dict(HAS_PEND=has_pend, LOCAL=False, **common)
+    if chain_in:
+        main_kw["CHAIN_IN"] = True
     scr = torch.empty((n_db * b * n_seg, ck_len // T, n, BD), **f32)
     _launch_checked(_bwd_kernel, grid,
                     (u, delta, A, B, C, *opt, dout, ck, pend, scr, du, ddelta, dz if dz is not None else dummy, dBt,
-                     dCt, dAp, dDp if dDp is not None else dummy, dbp if dbp is not None else dummy, dh0, dummy, dummy,
+                     dCt, dAp, dDp if dDp is not None else dummy, dbp if dbp is not None else dummy, dh0, ploc, dsum,
                      L, d, seg, n_seg, n_ck, *strides),
-                    dict(HAS_PEND=has_pend, LOCAL=False, **common), 32, redo=dBCt.zero_)
+                    main_kw, 32, redo=dBCt.zero_)
     dB = dBt[:, :, :n].transpose(1, 2)
     dC = dCt[:, :, :n].transpose(1, 2)
     dA = dAp.sum((0, 1)).t()

@@ -425,3 +425,36 @@ def test_host_integer_helpers_match_triton():
         for b in (1, 2, 3, 7, 16, 32, 512):
             assert cdiv(a, b) == triton.cdiv(a, b), (a, b)
     assert cdiv(0, 5) == 0 and next_pow2(1 << 40) == 1 << 40 and next_pow2((1 << 40) + 1) == 1 << 41
+
+
+@pytest.mark.parametrize("use_h0", [True, False])
+def test_chain_in_main_passes(ts, use_h0, monkeypatch):
+    """CHAIN_IN: the main passes chain their start state (forward) / incoming carry (backward) themselves from the
+    LOCAL results instead of _chain_kernel's output. Four segments (start states that fold 0-3 earlier segments),
+    one-lane forward, with and without an initial state and a final-state gradient: y, the final state and every
+    gradient against the reference, and against the same run through _chain_kernel."""
+    use = ARGS if use_h0 else ARGS[:-1]
+    inp = make(2, 40, 4, 61, seed=41 + use_h0)
+    out = {}
+    launched = []
+    real = ts._launch
+
+    def spy(kernel, grid, args, kw):
+        launched.append(getattr(getattr(kernel, "fn", None), "__name__", str(kernel)))
+        return real(kernel, grid, args, kw)
+
+    monkeypatch.setattr(ts, "_launch", spy)
+    for chain_in in (False, True):
+        configure(ts, n_seg=4, ck=4, G=1, T=4)
+        ts._CONFIG_OVERRIDE["fwd"]["CHAIN_IN"] = chain_in
+        ts._CONFIG_OVERRIDE["bwd"]["CHAIN_IN"] = chain_in
+        launched.clear()
+        (y, h), (yr, hr), g, gr = run_both(inp, use=use, grads=True, final=True)
+        assert ("_chain_kernel" in launched) != chain_in, launched
+        assert rel(y, yr) < 1e-5 and rel(h, hr) < 1e-5
+        for k in use:
+            assert rel(g[k], gr[k]) < 1e-5, (chain_in, k)
+        out[chain_in] = (y, h, g)
+    assert torch.equal(out[True][0], out[False][0]) and torch.equal(out[True][1], out[False][1])
+    for k in ("u", "delta", "z", "initial_state") if use_h0 else ("u", "delta", "z"):
+        assert rel(out[True][2][k], out[False][2][k]) < 1e-6, k
