@@ -1437,6 +1437,20 @@ def _bc_rows(x: torch.Tensor, NP: int, T: int) -> torch.Tensor:
     return out
 
 
+def _chain(loc: torch.Tensor, dsum: torch.Tensor, A: torch.Tensor, init: torch.Tensor | None,
+           reverse: bool) -> torch.Tensor:
+    """_chain_kernel: every segment's start state (forward) or incoming carry (reverse), (b, n_seg, n, d) fp32, from
+    the LOCAL pass's results (loc, dsum) and the initial state / final-state gradient init (b, n, d) or None."""
+    b, n_seg, n, d = loc.shape
+    start = torch.empty_like(loc)
+    fin = torch.empty((b, n, d), device=loc.device, dtype=torch.float32)
+    total = b * d * n
+    args = (loc, dsum, A, fin if init is None else init, start, fin, total, d, n_seg)
+    _launch(_chain_kernel, (cdiv(total, 512),), args,
+            dict(N=n, BLOCK=512, HAS_INIT=init is not None, REVERSE=reverse, num_warps=4))
+    return start
+
+
 def _forward(u, delta, A, B, C, D, z, delta_bias, h0, softplus: bool, save_ck: bool, ck_len: int | None = None):
     """Launch the forward kernels. Returns y, final_state (b, d, n) fp32, checkpoints (b, n_ck, n, d) or None.
     ck_len: checkpoint interval when save_ck (default: the backward config's, _ck_len)."""
@@ -1504,13 +1518,7 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, softplus: bool, save_ck: b
         if chain_in:
             loc = hloc
         else:
-            hstart = torch.empty((b, n_seg, n, d), **f32)
-            fin = torch.empty((b, n, d), **f32)
-            total = b * d * n
-            _launch(_chain_kernel, (cdiv(total, 512),),
-                    (hloc, dsum, A, h0p if h0p is not None else dummy, hstart, fin, total, d, n_seg),
-                    dict(N=n, BLOCK=512, HAS_INIT=h0p is not None, REVERSE=False, num_warps=4))
-            h0_main, has_h0, dsum = hstart, True, dummy
+            h0_main, has_h0, dsum = _chain(hloc, dsum, A, h0p, reverse=False), True, dummy
     main_kw = dict(CK=ck_len if save_ck else 0, HAS_H0=has_h0, LOCAL=False, **common)
     if chain_in:
         main_kw["CHAIN_IN"] = True
@@ -1582,13 +1590,7 @@ def _backward(dout, dfinal, u, delta, A, B, C, D, z, delta_bias, softplus: bool,
                 dict(HAS_PEND=False, LOCAL=True, **common))
         chain_in = bool(cfg.get("CHAIN_IN"))     # the main pass chains its incoming carry itself
         if not chain_in:
-            pend = torch.empty((b, n_seg, n, d), **f32)
-            fin = torch.empty((b, n, d), **f32)
-            total = b * d * n
-            _launch(_chain_kernel, (cdiv(total, 512),),
-                    (ploc, dsum, A, pf if pf is not None else dummy, pend, fin, total, d, n_seg),
-                    dict(N=n, BLOCK=512, HAS_INIT=pf is not None, REVERSE=True, num_warps=4))
-            has_pend, ploc, dsum = True, dummy, dummy
+            pend, has_pend, ploc, dsum = _chain(ploc, dsum, A, pf, reverse=True), True, dummy, dummy
     main_kw = dict(HAS_PEND=has_pend, LOCAL=False, **common)
     if chain_in:
         main_kw["CHAIN_IN"] = True
