@@ -144,10 +144,15 @@ def cuda_time(fn, *, min_reps=5, max_reps=50, target_s=0.6, warmup=2) -> dict:
     times = []
     for _ in range(reps):
         times.append(event_ms(fn))
-    times.sort()
+    return _summary(times)
+
+
+def _summary(times: list[float]) -> dict:
+    """Median, min, max and interquartile range (ms) of timings."""
+    times = sorted(times)
     q = statistics.quantiles(times, n=4) if len(times) >= 4 else [times[0], times[len(times) // 2], times[-1]]
     return {"median_ms": statistics.median(times), "min_ms": times[0], "max_ms": times[-1],
-            "iqr_ms": q[2] - q[0], "reps": reps}
+            "iqr_ms": q[2] - q[0], "reps": len(times)}
 
 
 def queued_time(fn, reps: int = 30, warmup: int = 3) -> dict:
@@ -164,8 +169,7 @@ def queued_time(fn, reps: int = 30, warmup: int = 3) -> dict:
         fn()
         b.record()
     torch.cuda.synchronize()
-    times = sorted(a.elapsed_time(b) for a, b in ev)
-    return {"median_ms": statistics.median(times), "min_ms": times[0], "max_ms": times[-1], "reps": reps}
+    return _summary([a.elapsed_time(b) for a, b in ev])
 
 
 def host_time(fn, reps: int = 15) -> dict:
@@ -180,8 +184,7 @@ def host_time(fn, reps: int = 15) -> dict:
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     torch.cuda.synchronize()
-    times.sort()
-    return {"median_ms": statistics.median(times), "min_ms": times[0], "max_ms": times[-1], "reps": reps}
+    return _summary(times)
 
 
 def graph_time(fn, calls=100) -> float:
@@ -858,8 +861,7 @@ def _ab_time(fns: dict, rounds: int, per: int) -> dict:
             for _ in range(per):
                 res[k].append(event_ms(fn))
     _ab_set({})
-    return {k: {"median_ms": statistics.median(v), "min_ms": min(v), "max_ms": max(v), "n": len(v)}
-            for k, v in res.items()}
+    return {k: _summary(v) for k, v in res.items()}
 
 
 def ab_shape(b, d, L, dtype, plan: dict, dev: str = "cuda") -> dict:

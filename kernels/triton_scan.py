@@ -52,6 +52,7 @@ Design (why it is shaped like this; measurements, and what did not pan out: docs
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 
 import torch
@@ -1205,16 +1206,6 @@ def _num_sms(device: torch.device) -> int:
     return 4
 
 
-# _pick_config runs two or three times per forward + backward; its answer depends only on these arguments (and
-# CK_DEFAULT, which the tests change), so it is kept. In a torch.profiler trace on the H200 host (session 8, 8 x 1536
-# x 2048) the stretches of host time where it runs, with no torch op in them, were ~100-130 us each, the device
-# query the likely part (not timed on its own); on this 2-core CPU a fresh pick is ~5 us, a kept one 0.4 us.
-@functools.lru_cache(maxsize=1024)
-def _base_config(b: int, d: int, L: int, dtype: torch.dtype, device: torch.device, backward: bool,
-                 ck_default: int) -> dict:
-    return _fresh_config(b, d, L, dtype, device, backward)
-
-
 def _wave_segments(warps: int, cap: int, min_waves: int, n_max: int) -> int:
     """Segment count for a pass of `warps` one-warp programs per segment on a GPU that holds `cap` of them at once:
     at least `min_waves` waves if segments may be that many (n_max: segments >= 4 chunks long), and among up to
@@ -1232,7 +1223,14 @@ def _pick_config(b: int, d: int, L: int, dtype: torch.dtype, device: torch.devic
     return cfg
 
 
-def _fresh_config(b: int, d: int, L: int, dtype: torch.dtype, device: torch.device, backward: bool) -> dict:
+# _pick_config runs two or three times per forward + backward; its answer depends only on these arguments (and
+# CK_DEFAULT, which the tests change), so it is kept. In a torch.profiler trace on the H200 host (session 8, 8 x 1536
+# x 2048) the stretches of host time where it runs, with no torch op in them, were ~100-130 us each, the device
+# query the likely part (not timed on its own); on this 2-core CPU a fresh pick is ~5 us, a kept one 0.4 us.
+@functools.lru_cache(maxsize=1024)
+def _base_config(b: int, d: int, L: int, dtype: torch.dtype, device: torch.device, backward: bool,
+                 ck_default: int) -> dict:
+    """_pick_config without the overrides; ck_default is CK_DEFAULT."""
     sms = _num_sms(device)
     if backward:
         block_d, num_warps = (32, 1)
@@ -1243,7 +1241,7 @@ def _fresh_config(b: int, d: int, L: int, dtype: torch.dtype, device: torch.devi
         # all programs are equally long, so 1.5 waves cost as much as 2 (H200, session 6: 8 x 1536 x 32768 bf16,
         # backward 19.3 ms at 5 segments = 1.8 waves, 22.2 at 4 = 1.45 waves, 18.7-19.0 at 8 / 11 = 2.9 / 4 waves;
         # 1 x 1536 x 1M: 85.4 ms at 33 = 1.5 waves, 76.7 / 74.3 / 73.2 at 1 / 2 / 3 waves).
-        n_seg = 1 if warps >= 6 * sms else _wave_segments(warps, 8 * sms, 3, cdiv(L, 4 * CK_DEFAULT))
+        n_seg = 1 if warps >= 6 * sms else _wave_segments(warps, 8 * sms, 3, cdiv(L, 4 * ck_default))
         # Per-element inputs read 16 bytes per lane at a time (8 bf16 / 4 fp32 steps), gradients collected and
         # written likewise, the next group's inputs loaded at the current group's first tile (LA 4 >= W / T): H200,
         # backward alone, 1.27-1.41x the tile-wide version (loads alone 1.03-1.08x; 8-byte groups 1.22-1.24x bf16).
@@ -1251,7 +1249,7 @@ def _fresh_config(b: int, d: int, L: int, dtype: torch.dtype, device: torch.devi
         # inside each chunk; the forward with checkpoints takes it from here (_ck_len), so it can differ by shape.
         # CK 16 for 4-byte inputs when short of warps (H200, session 8, same-call A/B of forward + backward at
         # 8 x 1536 fp32: L 2048 3.38 -> 3.07 ms, L 8192 8.31 -> 7.82; bf16 there: 0.99x / 0.95x, so 16-bit keeps 64).
-        ck = 16 if warps < 6 * sms and dtype == torch.float32 else CK_DEFAULT
+        ck = 16 if warps < 6 * sms and dtype == torch.float32 else ck_default
         cfg = {"BLOCK_D": block_d, "T": T, "num_warps": num_warps, "n_seg": n_seg, "N_POLY": 2,
                "WB": 16, "WIDE_ST": True, "LA": 4, "CK": ck}
     else:
@@ -1274,9 +1272,9 @@ def _fresh_config(b: int, d: int, L: int, dtype: torch.dtype, device: torch.devi
             # main pass (16 one-warp programs per SM at <= 128 registers). H200, session 6: 8 x 1536 x 32768
             # forward with checkpoints 6.25 ms (bf16) / 6.81 (fp32) at 5 segments, 5.75 / 5.77 at 11 (2 waves);
             # 1 x 1536 x 1M 24.7 at 33, 24.2 at 66.
-            n_seg = 1 if warps1 >= 6 * sms else _wave_segments(warps1, 16 * sms, 2, cdiv(L, 4 * CK_DEFAULT))
+            n_seg = 1 if warps1 >= 6 * sms else _wave_segments(warps1, 16 * sms, 2, cdiv(L, 4 * ck_default))
             cfg = {"G": 1, "BLOCK_D": 32, "T": 8, "STAGES": 3, "num_warps": 1, "n_seg": n_seg, "N_POLY": 2}
-    cfg["n_seg"] = max(1, min(cfg["n_seg"], cdiv(L, 4 * CK_DEFAULT)))
+    cfg["n_seg"] = max(1, min(cfg["n_seg"], cdiv(L, 4 * ck_default)))
     return cfg
 
 
@@ -1337,8 +1335,6 @@ def _launch(kernel, grid, args: tuple, kw: dict):
     hit = _FAST_CACHE.get(key)
     if hit is None:
         compiled = kernel[grid](*args, **kw)
-        import inspect
-
         params = list(inspect.signature(kernel.fn).parameters.values())[len(args):]
         tail = tuple(kw[p.name] if p.name in kw else p.default for p in params)
         if compiled is not None and hasattr(compiled, "__getitem__"):
