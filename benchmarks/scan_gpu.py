@@ -80,7 +80,8 @@ print("MAMBA_BUILD_OK", flush=True)
 
 
 def load_mamba(work: Path, proc: subprocess.Popen | None, timeout: float) -> tuple[object, object, str]:
-    """(selective_scan_cuda module or None, mamba's triton selective_state_update or None, note)."""
+    """(selective_scan_cuda module or None, mamba's triton selective_state_update or None, note). With the
+    extension built, ext.selective_scan_fn is mamba-ssm's autograd function around it (load_scan_fn)."""
     note = []
     ext = None
     if proc is None:
@@ -116,7 +117,47 @@ def load_mamba(work: Path, proc: subprocess.Popen | None, timeout: float) -> tup
             step = sys.modules["mamba_ssm.ops.triton.selective_state_update"].selective_state_update
         except Exception as e:  # report, continue without that baseline
             note.append(f"mamba-ssm triton step import failed: {e!r}")
+        if ext is not None:
+            try:
+                ext.selective_scan_fn = load_scan_fn(src, ext)
+            except Exception as e:  # report, continue with the raw extension only
+                note.append(f"mamba-ssm selective_scan_fn import failed: {e!r}")
     return ext, step, "; ".join(note)
+
+
+def load_scan_fn(src: Path, ext):
+    """mamba-ssm's selective_scan_fn (ops/selective_scan_interface.py of the sdist: an autograd.Function around the
+    extension's fwd / bwd) with the built extension as its `selective_scan_cuda`. Its module also imports a Triton
+    layer norm this benchmark does not use (stubbed) and einops (stubbed by a one-pattern rearrange where the GPU
+    image lacks it: selective_scan_fn only needs 'b dstate l -> b 1 dstate l')."""
+    import importlib.util
+
+    def load(full: str, rel: str):
+        spec = importlib.util.spec_from_file_location(full, src / rel)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[full] = mod
+        spec.loader.exec_module(mod)
+        return mod
+
+    for pkg in ("mamba_ssm", "mamba_ssm.utils", "mamba_ssm.ops", "mamba_ssm.ops.triton"):
+        sys.modules.setdefault(pkg, types.ModuleType(pkg))
+    load("mamba_ssm.utils.torch", "mamba_ssm/utils/torch.py")
+    ln = types.ModuleType("mamba_ssm.ops.triton.layer_norm")
+    ln._layer_norm_fwd = None
+    sys.modules.setdefault("mamba_ssm.ops.triton.layer_norm", ln)
+    try:
+        import einops  # noqa: F401
+    except ImportError:
+        def rearrange(t, pattern):
+            if pattern.replace(" ", "") != "bdstatel->b1dstatel":
+                raise NotImplementedError(pattern)
+            return t.unsqueeze(1)
+
+        ein = types.ModuleType("einops")
+        ein.rearrange, ein.repeat = rearrange, None
+        sys.modules["einops"] = ein
+    sys.modules["selective_scan_cuda"] = ext
+    return load("mamba_ssm.ops.selective_scan_interface", "mamba_ssm/ops/selective_scan_interface.py").selective_scan_fn
 
 
 # -------------------------------------------------------------------------------------------- measurement
@@ -457,6 +498,18 @@ def run_config(b, d, L, dtype, ext, floors, args, results, n=16):
             rec["speedup_fwd"] = rec["mamba_fwd"]["median_ms"] / rec["triton_fwd"]["median_ms"]
             _queued_pair(rec, "fwd", lambda: ts.selective_scan_triton(u, delta, A, B, C, **kw),
                          lambda: ext.fwd(u, delta, A, B4, C4, inp["D"], inp["z"], inp["delta_bias"], True))
+        sfn = getattr(ext, "selective_scan_fn", None)
+        if sfn is not None and "triton_fwd" in rec:
+            def mamba_fn():
+                return sfn(u, delta, A, B, C, inp["D"], inp["z"], inp["delta_bias"], True)
+
+            rec["check_fn_vs_ext"] = rel(mamba_fn(), ext.fwd(u, delta, A, B4, C4, inp["D"], inp["z"],
+                                                             inp["delta_bias"], True)[2])
+            if rec["check_fn_vs_ext"] < tol:
+                rec["mamba_fn_fwd"] = cuda_time(mamba_fn)
+                rec["speedup_fwd_fn"] = rec["mamba_fn_fwd"]["median_ms"] / rec["triton_fwd"]["median_ms"]
+            else:
+                rec["notes"].append(f"selective_scan_fn differs from the extension ({rec['check_fn_vs_ext']:.1e})")
     torch.cuda.empty_cache()
 
     # ---- forward + backward
@@ -512,6 +565,20 @@ def run_config(b, d, L, dtype, ext, floors, args, results, n=16):
             if "triton_fwdbwd" in rec:
                 rec["speedup_fwdbwd"] = rec["mamba_fwdbwd"]["median_ms"] / rec["triton_fwdbwd"]["median_ms"]
                 _queued_pair(rec, "fwdbwd", ours_fb, mamba_fb)
+        sfn = getattr(ext, "selective_scan_fn", None) if ext is not None else None
+        if sfn is not None and "triton_fwdbwd" in rec and "mamba_fn_fwd" in rec:
+            def mamba_fn_fb():     # mamba-ssm's autograd function on the same leaves, as ours_fb runs
+                for v in leaves.values():
+                    v.grad = None
+                sfn(*(leaves[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")), True).backward(dout)
+
+            mamba_fn_fb()
+            if all(all_finite(v.grad) for v in leaves.values()):
+                rec["mamba_fn_fwdbwd"] = cuda_time(mamba_fn_fb, min_reps=3)
+                rec["speedup_fwdbwd_fn"] = rec["mamba_fn_fwdbwd"]["median_ms"] / rec["triton_fwdbwd"]["median_ms"]
+                _queued_pair(rec, "fwdbwd_fn", ours_fb, mamba_fn_fb)
+            else:
+                rec["notes"].append("selective_scan_fn's gradients not finite: not timed")
         del leaves, dout
     results.append(rec)
     print(tag, {k: (round(v["median_ms"], 3) if isinstance(v, dict) and "median_ms" in v else v)
@@ -941,7 +1008,31 @@ def ab_shape(b, d, L, dtype, plan: dict, dev: str = "cuda") -> dict:
         rec["profile_default_train_us"] = [r for r in rows if r[0] > 0][:12]
         for t, c, k in rec["profile_default_train_us"]:
             print(f"{tag} profile {t / 1e3:8.3f} ms x{c} {k}", flush=True)
+    try:
+        rec["registers"] = compiled_registers(ts)
+    except Exception as e:          # diagnostics only: never lose the timings for it
+        rec["registers"] = [f"unavailable: {e!r}"]
+    for line in rec["registers"]:
+        print(tag, "registers", line, flush=True)
     return rec
+
+
+def compiled_registers(ts) -> list[str]:
+    """Registers and spilled bytes of every compiled scan kernel so far (Triton's per-device kernel caches), one
+    line each with the constexprs that tell the variants apart."""
+    lines = []
+    for kern in (ts._fwd_kernel, ts._fwd_split_kernel, ts._bwd_kernel, ts._chain_kernel):
+        for cache in getattr(kern, "device_caches", {}).values():
+            entries = cache[0] if isinstance(cache, tuple) else cache
+            for ck in getattr(entries, "values", lambda: [])():
+                names, consts = kern.arg_names, {}
+                for k, v in (getattr(getattr(ck, "src", None), "constants", None) or {}).items():
+                    k = names[k[0]] if isinstance(k, tuple) and len(k) == 1 else k
+                    if k in ("LOCAL", "CHAIN_IN", "CK", "T", "G", "STAGES", "HAS_H0", "HAS_PEND"):
+                        consts[k] = v
+                lines.append(f"{kern.fn.__name__} regs {getattr(ck, 'n_regs', '?')} spills "
+                             f"{getattr(ck, 'n_spills', '?')} {consts}")
+    return sorted(set(lines))
 
 
 def run_ab(plan: dict, out_dir: Path, budget_s: float) -> None:
@@ -1018,6 +1109,23 @@ def render(res: dict) -> str:
                 cells += ([fmt_t(q["triton"]), fmt_t(q.get("triton_host")), fmt_t(q["mamba"]), ratio(q["speedup"])]
                           if q else ["-"] * 4)
             lines.append(f"| {r['batch']}, {r['d_inner']}, {r['L']} | {r['dtype']} | " + " | ".join(cells) + " |")
+    with_fn = [r for r in res.get("configs", []) if r.get("mamba_fn_fwd")]
+    if with_fn:
+        lines += ["", "Against mamba-ssm's `selective_scan_fn` (its autograd function around the same CUDA kernels; "
+                  "the tables above call the extension's fwd / bwd directly, without autograd or Python). Both sides "
+                  "called alike: the forward on plain tensors, fwd+bwd on the same leaves with `.backward(dout)`. "
+                  "Synced CUDA-event timings as in the first table, then queued as in the second (ms):", "",
+                  "| shape (b, d_inner, L) | dtype | Triton fwd | selective_scan_fn fwd | speed-up | Triton fwd+bwd "
+                  "| selective_scan_fn fwd+bwd | speed-up | queued: Triton fwd+bwd | queued: selective_scan_fn "
+                  "| speed-up |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in with_fn:
+            q = r.get("fwdbwd_fn_q") or {}
+            lines.append(
+                f"| {r['batch']}, {r['d_inner']}, {r['L']} | {r['dtype']} | {fmt_t(r.get('triton_fwd'))} | "
+                f"{fmt_t(r.get('mamba_fn_fwd'))} | {ratio(r.get('speedup_fwd_fn'))} | "
+                f"{fmt_t(r.get('triton_fwdbwd'))} | {fmt_t(r.get('mamba_fn_fwdbwd'))} | "
+                f"{ratio(r.get('speedup_fwdbwd_fn'))} | {fmt_t(q.get('triton'))} | {fmt_t(q.get('mamba'))} | "
+                f"{ratio(q.get('speedup'))} |")
     if res.get("step"):
         lines += ["", "One-step update (streaming), d_state 16, state fp32, activations bf16. GPU time per call (ms) "
                   "from CUDA-graph replay of 100 calls, and with plain launches:", "",

@@ -1448,7 +1448,8 @@ def _chain(loc: torch.Tensor, dsum: torch.Tensor, A: torch.Tensor, init: torch.T
 
 
 def _forward(u, delta, A, B, C, D, z, delta_bias, h0, softplus: bool, save_ck: bool, ck_len: int | None = None):
-    """Launch the forward kernels. Returns y, final_state (b, d, n) fp32, checkpoints (b, n_ck, n, d) or None.
+    """Launch the forward kernels. Returns y, final_state (b, d, n) fp32 (a strided view), checkpoints
+    (b, n_ck, n, d) or None.
     ck_len: checkpoint interval when save_ck (default: the backward config's, _ck_len)."""
     b, d, L = u.shape
     n = A.shape[1]
@@ -1520,7 +1521,7 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, softplus: bool, save_ck: b
         main_kw["CHAIN_IN"] = True
     launch((u, delta, A, *bc, *opt, h0_main, y, hout, dsum, ck, loc, L, *sizes, d, seg, n_seg, n_ck, *strides),
            main_kw)
-    final = hout[:, -1].transpose(1, 2).contiguous()
+    final = hout[:, -1].transpose(1, 2)          # a view: selective_scan_triton copies it only when asked for it
     return y, final, (ck if save_ck else None)
 
 
@@ -1659,7 +1660,7 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     y, final = _SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus))
     if y.dtype != orig_dtype:
         y = y.to(orig_dtype)
-    return (y, final) if return_final_state else y
+    return (y, final.contiguous()) if return_final_state else y
 
 
 def _fit_exp2_poly(degree: int = 5, iters: int = 200) -> list[float]:
