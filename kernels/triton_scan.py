@@ -1425,6 +1425,8 @@ def _bc_rows(x: torch.Tensor, NP: int, T: int) -> torch.Tensor:
     b, n, L = x.shape
     Lb = cdiv(L, T) * T
     out = torch.empty((b, Lb, NP), device=x.device, dtype=torch.float32)
+    if NP == n and Lb == L:
+        return out.copy_(x.transpose(1, 2))
     if NP > n:
         out[:, :, n:].zero_()
     if Lb > L:
@@ -1526,7 +1528,8 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, softplus: bool, save_ck: b
 
 
 def _backward(dout, dfinal, u, delta, A, B, C, D, z, delta_bias, softplus: bool, ck, ck_len: int | None = None):
-    """Launch the backward kernels. Returns du, ddelta, dz (input dtypes), dA, dB, dC, dD, dbias, dh0 (fp32).
+    """Launch the backward kernels. Returns du, ddelta, dz (input dtypes), dA, dB, dC, dD, dbias, dh0 (fp32; dh0 as
+    (b, n, d)).
     ck: the forward's checkpoints, written every ck_len steps (default: this config's CK)."""
     B, C = _n_contig(B), _n_contig(C)
     b, d, L = u.shape
@@ -1545,7 +1548,7 @@ def _backward(dout, dfinal, u, delta, A, B, C, D, z, delta_bias, softplus: bool,
     ddelta = torch.empty((b, d, L), device=dev, dtype=delta.dtype)
     dz = torch.empty((b, d, L), device=dev, dtype=z.dtype) if z is not None else None
     dBCt = torch.zeros((2, b, L, NP), **f32)     # dB, dC accumulated by atomics: one fill for both
-    dBt, dCt = dBCt[0], dBCt[1]
+    dBt, dCt = dBCt.unbind(0)
     dAp = torch.empty((b, n_seg, n, d), **f32)
     dDp = torch.empty((b, n_seg, d), **f32) if D is not None else None
     dbp = torch.empty((b, n_seg, d), **f32) if delta_bias is not None else None
@@ -1597,12 +1600,19 @@ def _backward(dout, dfinal, u, delta, A, B, C, D, z, delta_bias, softplus: bool,
                      dCt, dAp, dDp if dDp is not None else dummy, dbp if dbp is not None else dummy, dh0, ploc, dsum,
                      L, d, seg, n_seg, n_ck, *strides),
                     main_kw, 32, redo=dBCt.zero_)
-    dB = dBt[:, :, :n].transpose(1, 2)
-    dC = dCt[:, :, :n].transpose(1, 2)
-    dA = dAp.sum((0, 1)).t()
+    dB = (dBt[:, :, :n] if NP > n else dBt).transpose(1, 2)
+    dC = (dCt[:, :, :n] if NP > n else dCt).transpose(1, 2)
+    dA = dAp.permute(0, 1, 3, 2).sum((0, 1))      # (d, n) contiguous, A's layout: autograd keeps it as it is
     dD = dDp.sum((0, 1)) if dDp is not None else None
     dbias = dbp.sum((0, 1)) if dbp is not None else None
-    return du, ddelta, dz, dA, dB, dC, dD, dbias, dh0.transpose(1, 2)
+    return du, ddelta, dz, dA, dB, dC, dD, dbias, dh0
+
+
+def _as(x: torch.Tensor | None, dtype: torch.dtype | None, fmt=torch.preserve_format) -> torch.Tensor | None:
+    """x in dtype (None if either is None); a cast writes memory format fmt, an unchanged dtype keeps x as it is."""
+    if x is None or dtype is None:
+        return None
+    return x if x.dtype == dtype else x.to(dtype, memory_format=fmt)
 
 
 class _SelectiveScanFn(torch.autograd.Function):
@@ -1632,8 +1642,11 @@ class _SelectiveScanFn(torch.autograd.Function):
         du, ddelta, dz, dA, dB, dC, dD, dbias, dh0 = _backward(dy, dfinal, u, delta, A, B, C, D, z, delta_bias,
                                                                ctx.softplus, ck, ctx.ck_len)
         tA, tB, tC, tD, tb, th = ctx.in_dtypes
-        return (du, ddelta, dA.to(tA), dB.to(tB), dC.to(tC), dD.to(tD) if dD is not None else None, dz,
-                dbias.to(tb) if dbias is not None else None, dh0.to(th) if th is not None else None, None)
+        # dB / dC: a cast copies anyway, so it writes B's (batch, d_state, L) layout (the engine would otherwise
+        # copy a leaf's gradient once more into that layout); fp32 ones stay views
+        return (du, ddelta, _as(dA, tA), _as(dB, tB, torch.contiguous_format), _as(dC, tC, torch.contiguous_format),
+                _as(dD, tD), dz, _as(dbias, tb),
+                _as(dh0.transpose(1, 2), th) if th is not None else None, None)
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
