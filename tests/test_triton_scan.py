@@ -243,8 +243,21 @@ def test_backward_bf16_inputs(ts):
     inp = make(1, 32, 4, 13, dtype=torch.bfloat16, seed=10)
     _, _, g, gr = run_both(inp, grads=True)
     assert g["u"].dtype == torch.bfloat16 and g["A"].dtype == torch.float32
+    assert g["B"].dtype == torch.bfloat16
     for k in ARGS:
         assert rel(g[k], gr[k]) < 1e-2, k
+
+
+def test_gradients_come_in_the_inputs_layouts(ts):
+    """dA in A's (d_inner, d_state) layout and 16-bit dB / dC in B's (batch, d_state, L), so that autograd does not
+    copy them once more (torch.autograd.grad shows the backward's own tensors; a leaf's .grad would be re-laid)."""
+    configure(ts)
+    inp = make(1, 32, 4, 13, dtype=torch.bfloat16, seed=11)
+    leaves = {k: inp[k].clone().requires_grad_() for k in ("u", "delta", "A", "B", "C", "z")}
+    y = selective_scan(**leaves, delta_softplus=True, backend="triton")
+    gA, gB, gC = torch.autograd.grad(y.float().sum(), (leaves["A"], leaves["B"], leaves["C"]))
+    assert gA.is_contiguous() and gB.is_contiguous() and gC.is_contiguous()
+    assert gB.dtype == gC.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("dtype,L,cfg", [
@@ -458,3 +471,14 @@ def test_chain_in_main_passes(ts, use_h0, monkeypatch):
     assert torch.equal(out[True][0], out[False][0]) and torch.equal(out[True][1], out[False][1])
     for k in ("u", "delta", "z", "initial_state") if use_h0 else ("u", "delta", "z"):
         assert rel(out[True][2][k], out[False][2][k]) < 1e-6, k
+
+
+def test_gradient_cast_helper():
+    import kernels.triton_scan as tsm
+
+    x = torch.randn(3, 4, 5).transpose(1, 2)
+    assert tsm._as(None, torch.float32) is None and tsm._as(x, None) is None
+    assert tsm._as(x, torch.float32) is x                        # same dtype: no copy, layout kept
+    y = tsm._as(x, torch.bfloat16, torch.contiguous_format)
+    assert y.dtype == torch.bfloat16 and y.is_contiguous() and torch.equal(y, x.to(torch.bfloat16))
+    assert tsm._as(x, torch.bfloat16).stride() == x.stride()     # preserve_format by default
