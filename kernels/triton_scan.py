@@ -1301,7 +1301,10 @@ def _seg_len(L: int, n_seg: int, ck: int) -> tuple[int, int]:
 def _n_contig(x: torch.Tensor) -> torch.Tensor:
     """B / C (batch, d_state, L) as a view whose d_state axis is contiguous (memory (batch, L, d_state)): each time
     step's d_state values are one vectorised load. Free when B, C come as transposed views of x_proj output."""
-    return x if x.stride(1) == 1 else x.transpose(1, 2).contiguous().transpose(1, 2)
+    if x.stride(1) == 1:
+        return x
+    b, n, L = x.shape
+    return torch.empty_strided((b, n, L), (L * n, 1, n), device=x.device, dtype=x.dtype).copy_(x)
 
 
 # Launching. Triton's launcher derives every argument's specialisation (dtype, 16-byte alignment, ints equal to 1 or
@@ -1311,8 +1314,8 @@ def _n_contig(x: torch.Tensor) -> torch.Tensor:
 # 8 x 1536 x 2048 bf16 fwd + bwd against Triton's launcher in the same process: dA, dD, d(delta_bias) bit-identical,
 # dB / dC within 1.3e-3 (bf16 rounding of the atomics' order); 5-7% less time per synced call, no clear change when
 # calls are queued; the full benchmark's checks have not run with it). The short-sequence host cost is mostly
-# elsewhere: one fwd + bwd there spends ~2-3 ms on the host (Python glue, ~25 torch ops, 6 launches) for ~1.5 ms of
-# kernels.
+# elsewhere: one fwd + bwd there spends ~2-3 ms on the host for ~1.5 ms of kernels; with the launches stubbed out
+# ~1.6-2.6 ms remain (H200 host, session 9: ~56 torch ops then, ~30 us each, and the autograd engine).
 _FAST_LAUNCH = os.environ.get("RMAMBA_TRITON_FAST_LAUNCH", "0") == "1"
 _FAST_CACHE: dict = {}
 
@@ -1424,9 +1427,9 @@ def _bc_rows(x: torch.Tensor, NP: int, T: int) -> torch.Tensor:
     without masks. One small copy (the tensor is d_inner times smaller than u)."""
     b, n, L = x.shape
     Lb = cdiv(L, T) * T
+    if NP == n and Lb == L:                      # nothing to pad: one cast-copy (none for fp32 rows already)
+        return x.transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format)
     out = torch.empty((b, Lb, NP), device=x.device, dtype=torch.float32)
-    if NP == n and Lb == L:
-        return out.copy_(x.transpose(1, 2))
     if NP > n:
         out[:, :, n:].zero_()
     if Lb > L:
