@@ -201,6 +201,11 @@ def queued_time(fn, reps: int = 30, warmup: int = 3) -> dict:
     training loop runs them: the host prepares call i+1 while the GPU runs call i, so a call's launch latency on the
     host is hidden unless the host is the slower side. cuda_time syncs after every call and so also counts the
     time from the first event to the first kernel."""
+    return _summary(queued_calls(fn, reps, warmup))
+
+
+def queued_calls(fn, reps: int, warmup: int = 1) -> list[float]:
+    """GPU time (ms) of each of `reps` calls of fn queued back to back (queued_time's raw timings)."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -210,7 +215,7 @@ def queued_time(fn, reps: int = 30, warmup: int = 3) -> dict:
         fn()
         b.record()
     torch.cuda.synchronize()
-    return _summary([a.elapsed_time(b) for a, b in ev])
+    return [a.elapsed_time(b) for a, b in ev]
 
 
 def host_time(fn, reps: int = 15) -> dict:
@@ -839,21 +844,25 @@ def reference_and_compile(out: dict, with_compile: bool = True) -> None:
 
 # ------------------------------------------------------------------------------------------------ config A/B
 
-# The next same-call A/B (session 8's prepared work; session 7's plan of CK / segment / forward-kernel variants ran
-# in session 8, results in docs/notes/triton_scan_notes.md). Variants override _pick_config's "fwd" / "bwd" configs
-# on top of each shape's defaults ("default" is always run first); "L" / "dtype" limit a variant to those shapes.
-# "train" = forward with checkpoints + backward, "fwd" = inference. CHAIN_IN: the main passes chain their start
-# state / incoming carry themselves (two launches and three buffers fewer per fwd + bwd when segmented).
-AB_PLAN = {
-    "shapes": "8x1536x2048:bfloat16,8x1536x2048:float32,8x1536x8192:bfloat16,8x1536x8192:float32",
-    "profile": True,
+# The next same-call A/B (earlier plans and their results: docs/notes/triton_scan_notes.md; session 8's CHAIN_IN plan
+# ran in session 9). Variants override _pick_config's "fwd" / "bwd" configs on top of each shape's defaults
+# ("default" is always run first) and may turn the launch cache on ("launch": {"FAST": True}); "L" / "dtype" limit a
+# variant to those shapes. "train" = forward with checkpoints + backward, "fwd" = inference; "queued" adds timings
+# of calls queued back to back (where the host binds, fewer launches can win there and lose synced, or the reverse).
+AB_PLAN = {      # session 9's plan for the next device session: the host-bound short shapes, synced and queued
+    "shapes": "8x1536x2048:bfloat16,8x1536x2048:float32,8x4096x2048:bfloat16",
+    "profile": False,
+    "queued": True,
     "train": {
-        "chain_in": {"fwd": {"CHAIN_IN": True}, "bwd": {"CHAIN_IN": True}},
-        "chain_in_bwd": {"bwd": {"CHAIN_IN": True}},
+        "fast": {"launch": {"FAST": True}},                 # the launch cache (opt-in so far)
+        "bwd_s1": {"bwd": {"n_seg": 1}},                     # one backward launch instead of LOCAL + chain + main
+        "bwd_s4": {"bwd": {"n_seg": 4}},
+        "fast_s1": {"bwd": {"n_seg": 1}, "launch": {"FAST": True}},
     },
-    "fwd": {        # bf16 at L 2048 runs the split kernel in one pass: nothing to chain there
-        "chain_in": {"fwd": {"CHAIN_IN": True}, "dtype": ["float32"]},
-        "chain_in_bf16": {"fwd": {"CHAIN_IN": True}, "L": [8192], "dtype": ["bfloat16"]},
+    "fwd": {
+        "fast": {"launch": {"FAST": True}},
+        "one8": {"fwd": {"G": 1, "BLOCK_D": 32, "T": 8, "STAGES": 3, "num_warps": 1, "n_seg": 8, "N_POLY": 2},
+                 "dtype": ["bfloat16"]},
     },
 }
 
@@ -874,15 +883,17 @@ def ab_variants(plan: dict, kind: str, L: int, dtype: torch.dtype) -> dict[str, 
     out = {"default": {}}
     for key, v in plan.get(kind, {}).items():
         if L in v.get("L", [L]) and name in v.get("dtype", [name]):
-            out[key] = {k: dict(v[k]) for k in ("fwd", "bwd") if k in v}
+            out[key] = {k: dict(v[k]) for k in ("fwd", "bwd", "launch") if k in v}
     return out
 
 
 def _ab_set(override: dict) -> None:
+    """Apply one variant: its "fwd" / "bwd" config overrides, and "launch": {"FAST": True} for the launch cache."""
     from kernels import triton_scan as ts
 
     ts._CONFIG_OVERRIDE.clear()
-    ts._CONFIG_OVERRIDE.update({k: dict(v) for k, v in override.items()})
+    ts._CONFIG_OVERRIDE.update({k: dict(v) for k, v in override.items() if k in ("fwd", "bwd")})
+    ts._FAST_LAUNCH = bool(override.get("launch", {}).get("FAST", False))
 
 
 def ab_precompile_specs(plan: dict, shapes) -> list[dict]:
@@ -910,9 +921,10 @@ def ab_precompile_specs(plan: dict, shapes) -> list[dict]:
     return [sp for sp in specs if sp["grad"] or (sp["dtype"], json.dumps(sp["fwd"], sort_keys=True)) not in trained]
 
 
-def _ab_time(fns: dict, rounds: int, per: int) -> dict:
-    """Median / min / max ms of each fn over `rounds` interleaved rounds of `per` calls (CUDA events; on the CPU,
-    under the interpreter, one wall-clock call each: a smoke run, not a timing)."""
+def _ab_time(fns: dict, rounds: int, per: int, queued: bool = False) -> dict:
+    """Median / min / max ms of each fn over `rounds` interleaved rounds of `per` calls (CUDA events, one sync per
+    call, or with queued one sync per round: queued_calls; on the CPU, under the interpreter, one wall-clock call
+    each: a smoke run, not a timing)."""
     cuda = torch.cuda.is_available()
     res = {k: [] for k in fns}
     for _ in range(rounds if cuda else 1):
@@ -922,6 +934,9 @@ def _ab_time(fns: dict, rounds: int, per: int) -> dict:
                 t0 = time.perf_counter()
                 fn()
                 res[k].append((time.perf_counter() - t0) * 1e3)
+                continue
+            if queued:
+                res[k] += queued_calls(fn, per)
                 continue
             fn()
             torch.cuda.synchronize()
@@ -990,7 +1005,13 @@ def ab_shape(b, d, L, dtype, plan: dict, dev: str = "cuda") -> dict:
                                                                inp["delta_bias"], None, True, True))
                                   for k, ov in tv.items() if ok_t[k]}, rounds=4, per=5)
     rec["train"] = _ab_time({k: (ov, fb) for k, ov in tv.items() if ok_t[k]}, rounds=6, per=4)
-    for part in ("fwd", "fwd_ck", "train"):
+    if plan.get("queued"):
+        rec["fwd_q"] = _ab_time({k: (ov, lambda: ts.selective_scan_triton(u, delta, A, B, C, **kw))
+                                 for k, ov in fv.items() if ok_f[k]}, rounds=4, per=10, queued=True)
+        rec["train_q"] = _ab_time({k: (ov, fb) for k, ov in tv.items() if ok_t[k]}, rounds=4, per=8, queued=True)
+    for part in ("fwd", "fwd_ck", "train", "fwd_q", "train_q"):
+        if part not in rec:
+            continue
         t0 = rec[part].get("default", {}).get("median_ms")
         for k, t in rec[part].items():
             sp = f"{t0 / t['median_ms']:.3f}x" if t0 else "-"
