@@ -3,6 +3,7 @@ selective_scan_fn from an sdist tree, the compiled-kernel register report, and t
 
 from __future__ import annotations
 
+import os
 import sys
 import types
 from pathlib import Path
@@ -90,3 +91,8 @@ def test_render_shows_the_autograd_anchor_table():
     assert "selective_scan_fn" in text
     line = [ln for ln in text.splitlines() if ln.startswith("| 8, 1536, 2048") and "3.000" in ln]
     assert len(line) == 1 and "1.50x" in line[0] and "2.00x" in line[0]
+
+
+def test_importing_the_benchmark_keeps_input_checks_on():
+    """Only the benchmark processes skip the kernels' input validation (scan_gpu.main), never an importer."""
+    assert os.environ.get("RMAMBA_SKIP_INPUT_CHECKS") != "1"
