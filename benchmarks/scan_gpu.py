@@ -850,19 +850,21 @@ def reference_and_compile(out: dict, with_compile: bool = True) -> None:
 # ("default" is always run first) and may turn the launch cache on ("launch": {"FAST": True}); "L" / "dtype" limit a
 # variant to those shapes. "train" = forward with checkpoints + backward, "fwd" = inference; "queued" adds timings
 # of calls queued back to back (where the host binds, fewer launches can win there and lose synced, or the reverse).
-AB_PLAN = {      # session 9's plan for the next device session: the host-bound short shapes, synced and queued
-    "shapes": "8x1536x2048:bfloat16,8x1536x2048:float32,8x4096x2048:bfloat16",
+AB_PLAN = {      # session 10's plan: the two fwd + bwd near-misses that are not host-bound (segment counts, CK)
+    "shapes": "8x1536x8192:bfloat16,1x1536x1048576:float32",
     "profile": False,
     "queued": True,
     "train": {
-        "fast": {"launch": {"FAST": True}},                 # the launch cache (opt-in so far)
-        "bwd_s1": {"bwd": {"n_seg": 1}},                     # one backward launch instead of LOCAL + chain + main
-        "bwd_s4": {"bwd": {"n_seg": 4}},
-        "fast_s1": {"bwd": {"n_seg": 1}, "launch": {"FAST": True}},
+        "b8": {"bwd": {"n_seg": 8}, "L": [8192]},            # default 11 segments (4 waves of the main pass)
+        "b16": {"bwd": {"n_seg": 16}, "L": [8192]},
+        "b44": {"bwd": {"n_seg": 44}, "L": [1048576]},       # default 66 (3 waves)
+        "b88": {"bwd": {"n_seg": 88}, "L": [1048576]},
+        "b132": {"bwd": {"n_seg": 132}, "L": [1048576]},
+        "ck32": {"bwd": {"CK": 32}},                         # default CK 64 (bf16) / 16 (fp32, short of warps)
+        "f132": {"fwd": {"n_seg": 132}, "L": [1048576]},     # forward with checkpoints: default 88 (2 waves)
     },
     "fwd": {
-        "fast": {"launch": {"FAST": True}},
-        "one8": {"fwd": {**ONE_LANE_FWD, "n_seg": 8}, "dtype": ["bfloat16"]},
+        "f132": {"fwd": {"n_seg": 132}, "L": [1048576]},
     },
 }
 
@@ -888,12 +890,13 @@ def ab_variants(plan: dict, kind: str, L: int, dtype: torch.dtype) -> dict[str, 
 
 
 def _ab_set(override: dict) -> None:
-    """Apply one variant: its "fwd" / "bwd" config overrides, and "launch": {"FAST": True} for the launch cache."""
+    """Apply one variant: its "fwd" / "bwd" config overrides, and "launch": {"FAST": True / False} for the launch
+    cache (without it: the kernels' default, ts._fast_launch_default())."""
     from kernels import triton_scan as ts
 
     ts._CONFIG_OVERRIDE.clear()
     ts._CONFIG_OVERRIDE.update({k: dict(v) for k, v in override.items() if k in ("fwd", "bwd")})
-    ts._FAST_LAUNCH = bool(override.get("launch", {}).get("FAST", False))
+    ts._FAST_LAUNCH = bool(override.get("launch", {}).get("FAST", ts._fast_launch_default()))
 
 
 def ab_precompile_specs(plan: dict, shapes) -> list[dict]:

@@ -1309,14 +1309,25 @@ def _n_contig(x: torch.Tensor) -> torch.Tensor:
 
 # Launching. Triton's launcher derives every argument's specialisation (dtype, 16-byte alignment, ints equal to 1 or
 # divisible by 16) and a cache key from them on every call; _launch can instead keep the compiled kernel per key of
-# exactly those properties and launch it directly (the first call of a key goes through Triton). Opt-in
-# (RMAMBA_TRITON_FAST_LAUNCH=1), because it was checked on a GPU at one shape only (H200, Triton 3.6, session 8:
-# 8 x 1536 x 2048 bf16 fwd + bwd against Triton's launcher in the same process: dA, dD, d(delta_bias) bit-identical,
-# dB / dC within 1.3e-3 (bf16 rounding of the atomics' order); 5-7% less time per synced call, no clear change when
-# calls are queued; the full benchmark's checks have not run with it). The short-sequence host cost is mostly
-# elsewhere: one fwd + bwd there spends ~2-3 ms on the host for ~1.5 ms of kernels; with the launches stubbed out
-# ~1.6-2.6 ms remain (H200 host, session 9: ~56 torch ops then, ~30 us each, and the autograd engine).
-_FAST_LAUNCH = os.environ.get("RMAMBA_TRITON_FAST_LAUNCH", "0") == "1"
+# exactly those properties and launch it directly (the first call of a key goes through Triton). It relies on how
+# Triton specialises arguments and on its compiled kernels' launch API, so it is on by default only with the Triton
+# release it was checked with (3.6; RMAMBA_TRITON_FAST_LAUNCH=0 / 1 turns it off / on for any version). Checked on
+# an H200 with the benchmark's full checks (poisoned outputs, fresh inputs; every gradient against Triton's own
+# launcher in the same process) at 8 x 1536 x 2048 bf16 / fp32 and 8 x 4096 x 2048 bf16, session 10: passed;
+# 2-5% less time per synced call at those shapes (inference forward 1.02-1.07x, fwd + bwd 1.02-1.05x), no change
+# when calls are queued. The short-sequence host cost is mostly elsewhere: one fwd + bwd there spends ~2-3 ms on the
+# host for ~1.5 ms of kernels; with the launches stubbed out ~1.6-2.6 ms remain (H200 host, session 9: ~56 torch
+# ops then, ~30 us each, and the autograd engine).
+def _fast_launch_default() -> bool:
+    env = os.environ.get("RMAMBA_TRITON_FAST_LAUNCH", "")
+    if env not in ("", "0", "1"):
+        raise ValueError(f"RMAMBA_TRITON_FAST_LAUNCH: expected 0 or 1 (or unset), got {env!r}")
+    if env:
+        return env == "1"
+    return triton.__version__.split(".")[:2] == ["3", "6"]
+
+
+_FAST_LAUNCH = _fast_launch_default()
 _FAST_CACHE: dict = {}
 
 

@@ -243,6 +243,7 @@ class EvalConfig:
     methods: tuple[str, ...] = METHODS
     d_model: int = 32
     n_layers: int = 2
+    expand: int = 2
     num_experts: int = 8
     top_k: int = 1
     steps: int = 300
@@ -266,8 +267,8 @@ class EvalConfig:
             raise ValueError("seeds: expected at least one seed")
 
     def rom_config(self) -> RoMConfig:
-        return RoMConfig(d_model=self.d_model, n_layers=self.n_layers, num_experts=self.num_experts,
-                         top_k=self.top_k)
+        return RoMConfig(d_model=self.d_model, n_layers=self.n_layers, expand=self.expand,
+                         num_experts=self.num_experts, top_k=self.top_k)
 
 
 def _count(cfg: RoMConfig, types: dict[str, int]) -> tuple[int, int]:
@@ -299,12 +300,12 @@ def model_configs(cfg: EvalConfig, types: dict[str, int]) -> dict[str, RoMConfig
 
 
 def param_report(configs: dict[str, RoMConfig], types: dict[str, int]) -> dict[str, dict]:
-    """Per neural method: d_model, experts, total / active parameters and their ratio to the RoM model's."""
+    """Per neural method: d_model, expand, experts, total / active parameters and their ratio to the RoM model's."""
     rom_total, rom_active = _count(configs["rom"], types)
     out = {}
     for name, c in configs.items():
         total, active = _count(c, types)
-        out[name] = {"d_model": c.d_model, "n_layers": c.n_layers, "num_experts": c.num_experts,
+        out[name] = {"d_model": c.d_model, "n_layers": c.n_layers, "expand": c.expand, "num_experts": c.num_experts,
                      "top_k": c.top_k if c.num_experts else None, "total": total, "active": active,
                      "total_vs_rom_total": total / rom_total, "active_vs_rom_active": active / rom_active}
     return out

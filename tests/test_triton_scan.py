@@ -428,6 +428,24 @@ def test_launch_cache_keys_and_argument_order(ts, monkeypatch):
     assert calls[n][0] == "triton"
 
 
+def test_launch_cache_default(ts, monkeypatch):
+    """The launch cache is on by default only with the Triton release it was checked with (3.6); the environment
+    variable turns it on or off for any release, and a value other than 0 / 1 is an error naming it."""
+    monkeypatch.delenv("RMAMBA_TRITON_FAST_LAUNCH", raising=False)
+    for version, on in (("3.6.0", True), ("3.6.1+git", True), ("3.5.1", False), ("3.9.0", False),
+                        ("3.60.0", False), ("4.6.0", False)):
+        monkeypatch.setattr(triton, "__version__", version)
+        assert ts._fast_launch_default() is on, version
+        monkeypatch.setenv("RMAMBA_TRITON_FAST_LAUNCH", "0")
+        assert ts._fast_launch_default() is False
+        monkeypatch.setenv("RMAMBA_TRITON_FAST_LAUNCH", "1")
+        assert ts._fast_launch_default() is True
+        monkeypatch.delenv("RMAMBA_TRITON_FAST_LAUNCH")
+    monkeypatch.setenv("RMAMBA_TRITON_FAST_LAUNCH", "yes")
+    with pytest.raises(ValueError, match="RMAMBA_TRITON_FAST_LAUNCH"):
+        ts._fast_launch_default()
+
+
 def test_host_integer_helpers_match_triton():
     """kernels._host's cdiv / next_pow2 (the host code's replacements for Triton's constexpr functions) agree with
     Triton's on every value the kernels' host code can pass."""

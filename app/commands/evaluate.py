@@ -49,6 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--window", type=int, default=None, help="training window length in steps")
     p.add_argument("--batch-size", type=_positive_int, default=None, help="windows per equipment type per step")
     p.add_argument("--d-model", type=_positive_int, default=32, help="RoM model width (default 32)")
+    p.add_argument("--expand", type=_positive_int, default=2,
+                   help="SSM width factor of every mixer, d_inner = expand * d_model (default 2); the dense "
+                        "baselines use the same expand")
     p.add_argument("--layers", type=_positive_int, default=2, help="RoM model layers (default 2)")
     p.add_argument("--experts", type=_positive_int, default=8, help="RoM experts E (default 8)")
     p.add_argument("--top-k", type=_positive_int, default=1, help="experts per token K (default 1)")
@@ -79,8 +82,9 @@ def run(args: argparse.Namespace) -> int:
             preset[key] = getattr(args, key)
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else METHODS
     cfg = EvalConfig(seeds=tuple(range(args.seeds)), methods=methods, d_model=args.d_model, n_layers=args.layers,
-                     num_experts=args.experts, top_k=args.top_k, steps=preset["steps"], window=preset["window"],
-                     batch_size=preset["batch_size"], steps_per_epoch=preset["steps_per_epoch"],
+                     expand=args.expand, num_experts=args.experts, top_k=args.top_k, steps=preset["steps"],
+                     window=preset["window"], batch_size=preset["batch_size"],
+                     steps_per_epoch=preset["steps_per_epoch"],
                      warmup_steps=min(20, preset["steps"]), device=args.device)
     out = args.out or Path("runs") / f"evaluate-{args.dataset}"
     t0 = time.perf_counter()
