@@ -1241,15 +1241,19 @@ def _base_config(b: int, d: int, L: int, dtype: torch.dtype, device: torch.devic
         # all programs are equally long, so 1.5 waves cost as much as 2 (H200, session 6: 8 x 1536 x 32768 bf16,
         # backward 19.3 ms at 5 segments = 1.8 waves, 22.2 at 4 = 1.45 waves, 18.7-19.0 at 8 / 11 = 2.9 / 4 waves;
         # 1 x 1536 x 1M: 85.4 ms at 33 = 1.5 waves, 76.7 / 74.3 / 73.2 at 1 / 2 / 3 waves).
-        n_seg = 1 if warps >= 6 * sms else _wave_segments(warps, 8 * sms, 3, cdiv(L, 4 * ck_default))
-        # Per-element inputs read 16 bytes per lane at a time (8 bf16 / 4 fp32 steps), gradients collected and
-        # written likewise, the next group's inputs loaded at the current group's first tile (LA 4 >= W / T): H200,
-        # backward alone, 1.27-1.41x the tile-wide version (loads alone 1.03-1.08x; 8-byte groups 1.22-1.24x bf16).
         # CK: checkpoint interval (steps) of the state saved by the forward for the backward, which recomputes
         # inside each chunk; the forward with checkpoints takes it from here (_ck_len), so it can differ by shape.
         # CK 16 for 4-byte inputs when short of warps (H200, session 8, same-call A/B of forward + backward at
         # 8 x 1536 fp32: L 2048 3.38 -> 3.07 ms, L 8192 8.31 -> 7.82; bf16 there: 0.99x / 0.95x, so 16-bit keeps 64).
+        # fp32 (CK 16) at batch 1 fills 2 waves instead of 3 (H200, session 10, same-call A/B of forward +
+        # backward at 1 x 1536 x 1M fp32: 135.6 ms at 66 segments = 3 waves, 130.9 at 44 = 2 waves, 132.2 / 131.5 at
+        # 4 / 6 waves; 8 x 1536 shapes get the same count either way)
         ck = 16 if warps < 6 * sms and dtype == torch.float32 else ck_default
+        waves = 2 if ck < ck_default else 3
+        n_seg = 1 if warps >= 6 * sms else _wave_segments(warps, 8 * sms, waves, cdiv(L, 4 * ck_default))
+        # Per-element inputs read 16 bytes per lane at a time (8 bf16 / 4 fp32 steps), gradients collected and
+        # written likewise, the next group's inputs loaded at the current group's first tile (LA 4 >= W / T): H200,
+        # backward alone, 1.27-1.41x the tile-wide version (loads alone 1.03-1.08x; 8-byte groups 1.22-1.24x bf16).
         cfg = {"BLOCK_D": block_d, "T": T, "num_warps": num_warps, "n_seg": n_seg, "N_POLY": 2,
                "WB": 16, "WIDE_ST": True, "LA": 4, "CK": ck}
     else:

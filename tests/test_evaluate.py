@@ -171,12 +171,28 @@ def test_skab_protocol_scales_by_training_rows_only_and_reports_far_mar(tmp_path
         "vus_pr"][1]  # seeds reach the seeded methods
 
 
+@pytest.mark.parametrize("expand", [1, 2])
 @pytest.mark.parametrize("which", ["active", "total"])
-def test_dense_baselines_match_rom_parameters(which):
+def test_dense_baselines_match_rom_parameters(which, expand):
     types = {"pump": 8, "compressor": 12, "conveyor": 6}
-    rom = RoMConfig(d_model=32, n_layers=2, num_experts=8, top_k=1)
+    rom = RoMConfig(d_model=32, n_layers=2, expand=expand, num_experts=8, top_k=1)
     dense = match_dense(rom, types, which)
-    assert dense.num_experts == 0 and dense.n_layers == rom.n_layers
+    assert dense.num_experts == 0 and dense.n_layers == rom.n_layers and dense.expand == expand
     rom_n = getattr(count_parameters(rom, types)[-1], which)
     dense_n = getattr(count_parameters(dense, types)[-1], which)
     assert abs(dense_n / rom_n - 1) < 0.05
+
+
+def test_cli_expand_reaches_rom_and_dense_configs(tmp_path):
+    out = tmp_path / "eval"
+    code = main(["evaluate", "--dataset", "synthetic", "--quick", "--seeds", "1", "--days", "3", "--steps", "2",
+                 "--window", "64", "--batch-size", "2", "--d-model", "8", "--expand", "1",
+                 "--methods", "rom,dense_active,dense_total", "--out", str(out)])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["meta"]["config"]["expand"] == 1
+    assert {m: e["params"]["expand"] for m, e in metrics["methods"].items()} == {
+        "rom": 1, "dense_active": 1, "dense_total": 1}
+    assert EvalConfig().rom_config().expand == 2  # the default is unchanged
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--dataset", "synthetic", "--expand", "0"])
