@@ -3,6 +3,8 @@
 Backends: ``reference`` (sequential fp32 loop, the oracle), ``cpu`` (vectorised, chunked; exact),
 ``triton`` (GPU; also runs on CPU tensors under TRITON_INTERPRET=1). Selection: the ``backend=``
 argument, else the RMAMBA_SCAN_BACKEND variable, else CUDA tensors -> triton when available, else cpu.
+RMAMBA_TRITON_FAST_LAUNCH=0 / 1 turns the Triton backend's launch cache off / on (default: on with Triton 3.6,
+the release it was checked with on a GPU; off with any other).
 """
 
 from __future__ import annotations
