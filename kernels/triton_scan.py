@@ -1442,8 +1442,13 @@ def _bc_rows(x: torch.Tensor, NP: int, T: int) -> torch.Tensor:
     without masks. One small copy (the tensor is d_inner times smaller than u)."""
     b, n, L = x.shape
     Lb = cdiv(L, T) * T
-    if NP == n and Lb == L:                      # nothing to pad: one cast-copy (none for fp32 rows already)
-        return x.transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format)
+    if NP == n and Lb == L:                      # nothing to pad: one copy (a cast unless x is fp32)
+        rows = x.transpose(1, 2)
+        # an fp32 x must be copied explicitly: .to() with an unchanged dtype returns the (non-contiguous) view even
+        # when asked for contiguous_format, as long as the tensor is 3-D
+        if rows.dtype == torch.float32:
+            return rows.contiguous()
+        return rows.to(torch.float32, memory_format=torch.contiguous_format)
     out = torch.empty((b, Lb, NP), device=x.device, dtype=torch.float32)
     if NP > n:
         out[:, :, n:].zero_()

@@ -145,6 +145,26 @@ def test_forward_state_split_layouts(ts, G, T, TC, bc_pre, n_poly, nw, fma_rcp):
         assert rel(y, yr) < 1e-5 and rel(hT, hr) < 1e-5, (n, n_seg)
 
 
+@pytest.mark.parametrize("G", [2, 4])
+def test_forward_state_split_unpadded_fp32_rows(ts, G):
+    """The split forward's B / C rows when nothing needs padding (L a multiple of the tile, d_state a power of two)
+    and B / C are fp32 already: they must still be copied into rows (.to() of an fp32 view would return the view
+    itself, which the kernel would read as rows: wrong y); forward, final state and, through the checkpoints, the
+    gradients against the reference; also with 16-bit u / delta / z beside fp32 B / C."""
+    configure(ts, n_seg=1, G=G, T=8, TC=4)
+    for n, seed in ((16, 40), (4, 41)):
+        inp = make(2, 24, n, 32, seed=seed)
+        (y, hT), (yr, hr), g, gr = run_both(inp, grads=True)
+        assert rel(y, yr) < 1e-5 and rel(hT, hr) < 1e-5, n
+        for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state"):
+            assert rel(g[k], gr[k]) < 1e-5, (n, k)
+    inp = make(1, 16, 16, 16, seed=42)
+    for k in ("u", "delta", "z"):
+        inp[k] = inp[k].to(torch.bfloat16)
+    (y, hT), (yr, hr), _, _ = run_both(inp)
+    assert y.dtype == torch.bfloat16 and rel(y, yr) < 1e-2 and rel(hT, hr) < 1e-3
+
+
 @pytest.mark.parametrize("use,softplus", [
     (("u", "delta", "A", "B", "C"), False),
     (("u", "delta", "A", "B", "C", "D"), False),
