@@ -850,21 +850,17 @@ def reference_and_compile(out: dict, with_compile: bool = True) -> None:
 # ("default" is always run first) and may turn the launch cache on ("launch": {"FAST": True}); "L" / "dtype" limit a
 # variant to those shapes. "train" = forward with checkpoints + backward, "fwd" = inference; "queued" adds timings
 # of calls queued back to back (where the host binds, fewer launches can win there and lose synced, or the reverse).
-AB_PLAN = {      # session 10's plan: the two fwd + bwd near-misses that are not host-bound (segment counts, CK)
-    "shapes": "8x1536x8192:bfloat16,1x1536x1048576:float32",
+AB_PLAN = {      # session 10's second plan: d_state split over 2 lanes (G = 2) for the 8 x 1536 16-bit forward
+    "shapes": "8x1536x2048:bfloat16,8x1536x8192:bfloat16,8x1536x32768:bfloat16",
     "profile": False,
     "queued": True,
     "train": {
-        "b8": {"bwd": {"n_seg": 8}, "L": [8192]},            # default 11 segments (4 waves of the main pass)
-        "b16": {"bwd": {"n_seg": 16}, "L": [8192]},
-        "b44": {"bwd": {"n_seg": 44}, "L": [1048576]},       # default 66 (3 waves)
-        "b88": {"bwd": {"n_seg": 88}, "L": [1048576]},
-        "b132": {"bwd": {"n_seg": 132}, "L": [1048576]},
-        "ck32": {"bwd": {"CK": 32}},                         # default CK 64 (bf16) / 16 (fp32, short of warps)
-        "f132": {"fwd": {"n_seg": 132}, "L": [1048576]},     # forward with checkpoints: default 88 (2 waves)
+        "g2": {"fwd": {**SPLIT_FWD, "G": 2, "num_warps": 1, "n_seg": 1}},
     },
     "fwd": {
-        "f132": {"fwd": {"n_seg": 132}, "L": [1048576]},
+        "g2": {"fwd": {**SPLIT_FWD, "G": 2, "num_warps": 1, "n_seg": 1}},      # 768 one-warp programs, one pass
+        "g2w2": {"fwd": {**SPLIT_FWD, "G": 2, "num_warps": 2, "n_seg": 1}},
+        "g4": {"fwd": {**SPLIT_FWD, "num_warps": 1, "n_seg": 1}, "L": [8192, 32768]},   # the default at L 2048
     },
 }
 
