@@ -850,7 +850,7 @@ def reference_and_compile(out: dict, with_compile: bool = True) -> None:
 # ("default" is always run first) and may turn the launch cache on ("launch": {"FAST": True}); "L" / "dtype" limit a
 # variant to those shapes. "train" = forward with checkpoints + backward, "fwd" = inference; "queued" adds timings
 # of calls queued back to back (where the host binds, fewer launches can win there and lose synced, or the reverse).
-AB_PLAN = {      # session 10's second plan: d_state split over 2 lanes (G = 2) for the 8 x 1536 16-bit forward
+AB_PLAN = {      # ran in session 10 (call 4; not kept: G = 2 0.49-0.72x, G = 4 at L >= 8192 0.81-0.86x the default)
     "shapes": "8x1536x2048:bfloat16,8x1536x8192:bfloat16,8x1536x32768:bfloat16",
     "profile": False,
     "queued": True,
