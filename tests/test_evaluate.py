@@ -196,3 +196,23 @@ def test_cli_expand_reaches_rom_and_dense_configs(tmp_path):
     assert EvalConfig().rom_config().expand == 2  # the default is unchanged
     with pytest.raises(SystemExit):
         main(["evaluate", "--dataset", "synthetic", "--expand", "0"])
+
+
+def test_cli_lr_reaches_the_training_config(monkeypatch):
+    """`--lr` sets every neural model's learning rate (EvalConfig.lr, handed to the training loop); a value that is
+    not a finite number > 0 is refused by the parser, naming what it expected."""
+    import pipelines.evaluate as ev
+
+    seen = {}
+
+    def fake_evaluate(data, cfg, progress=None):
+        seen["cfg"] = cfg
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(ev, "evaluate", fake_evaluate)
+    with pytest.raises(RuntimeError, match="stop here"):
+        main(["evaluate", "--dataset", "synthetic", "--quick", "--days", "1", "--lr", "1e-2"])
+    assert seen["cfg"].lr == 1e-2 and EvalConfig().lr == 3e-3
+    for bad in ("0", "-1e-3", "nan", "inf", "fast"):
+        with pytest.raises(SystemExit):
+            main(["evaluate", "--dataset", "synthetic", "--lr", bad])

@@ -26,6 +26,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {value}")
+    return value
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "evaluate", help="evaluate the RoM detector against the baselines (VUS-PR, F1, ...) on SKAB or a synthetic "
@@ -48,6 +58,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=_positive_int, default=None, help="training steps of each neural model")
     p.add_argument("--window", type=int, default=None, help="training window length in steps")
     p.add_argument("--batch-size", type=_positive_int, default=None, help="windows per equipment type per step")
+    p.add_argument("--lr", type=_positive_float, default=3e-3,
+                   help="peak AdamW learning rate of every neural model (default 3e-3)")
     p.add_argument("--d-model", type=_positive_int, default=32, help="RoM model width (default 32)")
     p.add_argument("--expand", type=_positive_int, default=2,
                    help="SSM width factor of every mixer, d_inner = expand * d_model (default 2); the dense "
@@ -85,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
                      expand=args.expand, num_experts=args.experts, top_k=args.top_k, steps=preset["steps"],
                      window=preset["window"], batch_size=preset["batch_size"],
                      steps_per_epoch=preset["steps_per_epoch"],
-                     warmup_steps=min(20, preset["steps"]), device=args.device)
+                     warmup_steps=min(20, preset["steps"]), lr=args.lr, device=args.device)
     out = args.out or Path("runs") / f"evaluate-{args.dataset}"
     t0 = time.perf_counter()
     if args.dataset == "skab":
