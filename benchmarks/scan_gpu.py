@@ -850,18 +850,15 @@ def reference_and_compile(out: dict, with_compile: bool = True) -> None:
 # ("default" is always run first) and may turn the launch cache on ("launch": {"FAST": True}); "L" / "dtype" limit a
 # variant to those shapes. "train" = forward with checkpoints + backward, "fwd" = inference; "queued" adds timings
 # of calls queued back to back (where the host binds, fewer launches can win there and lose synced, or the reverse).
-AB_PLAN = {      # ran in session 10 (call 4; not kept: G = 2 0.49-0.72x, G = 4 at L >= 8192 0.81-0.86x the default)
-    "shapes": "8x1536x2048:bfloat16,8x1536x8192:bfloat16,8x1536x32768:bfloat16",
+AB_PLAN = {      # session 10's last plan: more backward segments at L 2048 (the default caps them at 8 = 4 chunks each)
+    "shapes": "8x1536x2048:bfloat16,8x1536x2048:float32",
     "profile": False,
     "queued": True,
     "train": {
-        "g2": {"fwd": {**SPLIT_FWD, "G": 2, "num_warps": 1, "n_seg": 1}},
+        "b11": {"bwd": {"n_seg": 11}},     # 4 waves of the backward main pass instead of 2.9
+        "b16": {"bwd": {"n_seg": 16}},     # 5.8 waves, 2 chunks per segment
     },
-    "fwd": {
-        "g2": {"fwd": {**SPLIT_FWD, "G": 2, "num_warps": 1, "n_seg": 1}},      # 768 one-warp programs, one pass
-        "g2w2": {"fwd": {**SPLIT_FWD, "G": 2, "num_warps": 2, "n_seg": 1}},
-        "g4": {"fwd": {**SPLIT_FWD, "num_warps": 1, "n_seg": 1}, "L": [8192, 32768]},   # the default at L 2048
-    },
+    "fwd": {},
 }
 
 
