@@ -850,7 +850,7 @@ def reference_and_compile(out: dict, with_compile: bool = True) -> None:
 # ("default" is always run first) and may turn the launch cache on ("launch": {"FAST": True}); "L" / "dtype" limit a
 # variant to those shapes. "train" = forward with checkpoints + backward, "fwd" = inference; "queued" adds timings
 # of calls queued back to back (where the host binds, fewer launches can win there and lose synced, or the reverse).
-AB_PLAN = {      # session 10's last plan: more backward segments at L 2048 (the default caps them at 8 = 4 chunks each)
+AB_PLAN = {      # ran in session 10 (call 5; not kept: queued 0.986-0.998x): backward segments past the cap of 8 at L 2048
     "shapes": "8x1536x2048:bfloat16,8x1536x2048:float32",
     "profile": False,
     "queued": True,
