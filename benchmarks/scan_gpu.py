@@ -603,7 +603,6 @@ def _queued_pair(rec: dict, part: str, ours, theirs, host: bool = True) -> None:
 
 
 SPLIT_FWD = {"G": 4, "T": 8, "TC": 4, "BC_PRE": True, "FMA_RCP": True, "N_POLY": 0}
-ONE_LANE_FWD = {"G": 1, "BLOCK_D": 32, "T": 8, "STAGES": 3, "num_warps": 1, "N_POLY": 2}
 
 
 def precompile_specs(tune: bool, lean: bool = False, shapes=None) -> list[dict]:
@@ -845,12 +844,12 @@ def reference_and_compile(out: dict, with_compile: bool = True) -> None:
 
 # ------------------------------------------------------------------------------------------------ config A/B
 
-# The next same-call A/B (earlier plans and their results: docs/notes/triton_scan_notes.md; session 8's CHAIN_IN plan
-# ran in session 9). Variants override _pick_config's "fwd" / "bwd" configs on top of each shape's defaults
+# Same-call config A/B: AB_PLAN holds the last plan run (all plans and their results: docs/notes/triton_scan_notes.md;
+# write the next one here). Variants override _pick_config's "fwd" / "bwd" configs on top of each shape's defaults
 # ("default" is always run first) and may turn the launch cache on ("launch": {"FAST": True}); "L" / "dtype" limit a
 # variant to those shapes. "train" = forward with checkpoints + backward, "fwd" = inference; "queued" adds timings
 # of calls queued back to back (where the host binds, fewer launches can win there and lose synced, or the reverse).
-AB_PLAN = {      # ran in session 10 (call 5; not kept: queued 0.986-0.998x): backward segments past the cap of 8 at L 2048
+AB_PLAN = {  # ran in session 10, call 5: backward segments past the cap of 8 at L 2048 (not kept: 0.986-0.998x)
     "shapes": "8x1536x2048:bfloat16,8x1536x2048:float32",
     "profile": False,
     "queued": True,
