@@ -1693,7 +1693,11 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     delta_bias = delta_bias.contiguous() if delta_bias is not None else None
     if initial_state is not None:
         initial_state = initial_state.float()
-    y, final = _SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, bool(delta_softplus))
+    tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        y, final = _SelectiveScanFn.apply(*tensors, bool(delta_softplus))
+    else:       # inference (scoring): the kernels without the autograd Function around them (less host time)
+        y, final, _ = _forward(*tensors, bool(delta_softplus), False)
     if y.dtype != orig_dtype:
         y = y.to(orig_dtype)
     return (y, final.contiguous()) if return_final_state else y

@@ -165,6 +165,32 @@ def test_forward_state_split_unpadded_fp32_rows(ts, G):
     assert y.dtype == torch.bfloat16 and rel(y, yr) < 1e-2 and rel(hT, hr) < 1e-3
 
 
+def test_inference_call_skips_autograd_with_the_same_result(ts, monkeypatch):
+    """Without gradients (no_grad, or no input requiring one) the kernels run without the autograd Function around
+    them: the outputs carry no graph; they agree with the differentiable call's (whose forward also writes the
+    backward's checkpoints, so its segments may differ: equal to rounding, not bit for bit)."""
+    configure(ts, n_seg=2, G=1, T=4)
+    inp = make(2, 32, 4, 37, seed=50)
+    kw = dict(D=inp["D"], z=inp["z"], delta_bias=inp["delta_bias"], delta_softplus=True,
+              initial_state=inp["initial_state"], return_final_state=True)
+    args = [inp[k] for k in ("u", "delta", "A", "B", "C")]
+    leaf = args[0].clone().requires_grad_()
+
+    def no_function(*a):
+        raise AssertionError("the autograd Function ran for an inference call")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(ts._SelectiveScanFn, "apply", no_function)
+        y0, h0 = ts.selective_scan_triton(*args, **kw)
+        with torch.no_grad():
+            y1, h1 = ts.selective_scan_triton(leaf, *args[1:], **kw)
+    assert y0.grad_fn is None and h0.grad_fn is None and y1.grad_fn is None
+    y2, h2 = ts.selective_scan_triton(leaf, *args[1:], **kw)
+    assert y2.grad_fn is not None
+    assert torch.equal(y0, y1) and torch.equal(h0, h1)
+    assert rel(y0, y2.detach()) < 1e-6 and rel(h0, h2.detach()) < 1e-6
+
+
 @pytest.mark.parametrize("use,softplus", [
     (("u", "delta", "A", "B", "C"), False),
     (("u", "delta", "A", "B", "C", "D"), False),
