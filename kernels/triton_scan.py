@@ -1442,13 +1442,9 @@ def _bc_rows(x: torch.Tensor, NP: int, T: int) -> torch.Tensor:
     without masks. One small copy (the tensor is d_inner times smaller than u)."""
     b, n, L = x.shape
     Lb = cdiv(L, T) * T
-    if NP == n and Lb == L:                      # nothing to pad: one copy (a cast unless x is fp32)
-        rows = x.transpose(1, 2)
-        # an fp32 x must be copied explicitly: .to() with an unchanged dtype returns the (non-contiguous) view even
-        # when asked for contiguous_format, as long as the tensor is 3-D
-        if rows.dtype == torch.float32:
-            return rows.contiguous()
-        return rows.to(torch.float32, memory_format=torch.contiguous_format)
+    if NP == n and Lb == L:                      # nothing to pad: one copy-cast (copy=True: without it, an fp32
+        # x would come back as the transposed view itself, since .to() keeps a 3-D tensor of unchanged dtype)
+        return x.transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format, copy=True)
     out = torch.empty((b, Lb, NP), device=x.device, dtype=torch.float32)
     if NP > n:
         out[:, :, n:].zero_()
@@ -1641,19 +1637,15 @@ def _as(x: torch.Tensor | None, dtype: torch.dtype | None, fmt=torch.preserve_fo
 class _SelectiveScanFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, softplus):
-        save = any(ctx.needs_input_grad)
-        ck_len = _ck_len(*u.shape, u.dtype, u.device) if save else None
-        if save:                        # the backward needs B, C with d_state contiguous: copy them once, here
-            B, C = _n_contig(B), _n_contig(C)
-        y, final, ck = _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, save, ck_len)
+        # only calls that need gradients come here (selective_scan_triton runs inference without the Function)
+        ck_len = _ck_len(*u.shape, u.dtype, u.device)
+        B, C = _n_contig(B), _n_contig(C)   # the backward needs B, C with d_state contiguous: copy them once, here
+        y, final, ck = _forward(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, True, ck_len)
         ctx.set_materialize_grads(False)    # an unused output's gradient stays None (no zero tensors to read)
-        if save:
-            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ck)
-            ctx.softplus = softplus
-            ctx.ck_len = ck_len
-            ctx.in_dtypes = tuple(t.dtype if t is not None else None
-                                  for t in (A, B, C, D, delta_bias, initial_state))
-        ctx.mark_non_differentiable()
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ck)
+        ctx.softplus = softplus
+        ctx.ck_len = ck_len
+        ctx.in_dtypes = tuple(t.dtype if t is not None else None for t in (A, B, C, D, delta_bias, initial_state))
         return y, final
 
     @staticmethod
