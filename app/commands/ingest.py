@@ -11,13 +11,6 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from tqdm import tqdm
-
-from app.db import upgrade_to_head
-from app.db.ingest_state import finish_run, load_watermark, save_watermark, start_run
-from pipelines.config import load_plant_config
-from pipelines.ingest import IngestReport, format_table, ingest_source, plan_source, write_report
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ingest", help="ingest new plant logs into the parquet store",
@@ -36,6 +29,15 @@ def _now() -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    # imported here, as every command does, so that the CLI starts (and its other commands run, e.g. `rmamba
+    # evaluate` on a GPU machine) without the database stack installed
+    from tqdm import tqdm
+
+    from app.db import upgrade_to_head
+    from app.db.ingest_state import finish_run, load_watermark, save_watermark, start_run
+    from pipelines.config import load_plant_config
+    from pipelines.ingest import IngestReport, format_table, ingest_source, plan_source, write_report
+
     cfg = load_plant_config(args.config)
     sources = [cfg.source(n) for n in args.source] if args.source else list(cfg.sources)
     engine = upgrade_to_head(cfg.database_url)
