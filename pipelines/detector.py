@@ -261,6 +261,11 @@ class RoMDetector:
             state = after
             sc = out.scored[0].any(-1).cpu().numpy()
             nll = out.nll[0].double().cpu().numpy()
+            bad = sc & ~np.isfinite(nll).all(-1)
+            if bad.any():   # the GPU path runs the scan without its input checks: non-finite results stop here
+                raise ValueError(
+                    f"{equipment_type}: the model's forecast is not finite at step {s + int(np.argmax(bad))} of this "
+                    "call (non-finite weights, or a model that diverged in training): retrain or restore the model")
             attr[s:s + chunk_len] = nll
             scored[s:s + chunk_len] = sc
             surprise[s:s + chunk_len] = np.where(sc, nll.sum(-1), np.nan)

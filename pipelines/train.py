@@ -705,6 +705,11 @@ def train_detector(
         dt = time.perf_counter() - t0
         seconds += dt
         loss_value, nll_value, aux_value = float(loss.detach()), float(nll.detach()), float(aux.detach())
+        if not math.isfinite(loss_value):       # raised before anything is saved: the last checkpoint stays good
+            raise ValueError(
+                f"training step {step}: the loss is not finite (forecast NLL {nll_value}, routing loss {aux_value}): "
+                f"the model diverged; lower train.lr (now {cfg.lr:g}) or lengthen train.warmup_steps "
+                f"(now {cfg.warmup_steps}), and look for extreme values in the training data")
         acc = {"nll": acc["nll"] + nll_value, "aux": acc["aux"] + aux_value, "n": acc["n"] + 1,
                "seconds": acc["seconds"] + dt}
         if step % cfg.steps_per_epoch == 0 or step == cfg.steps:

@@ -113,7 +113,11 @@ class SelectiveSSM(nn.Module):
         y, ssm = kernels.selective_scan(
             xc, dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), D=self.D.float(),
             z=z.transpose(1, 2), delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
-            initial_state=None if state is None else state.ssm, return_final_state=True)
+            initial_state=None if state is None else state.ssm, return_final_state=True,
+            # on a GPU the scan's NaN / Inf checks would sync the device 8 times per call (H200, one layer of
+            # d_model 1024, 8 x 2048 tokens, fwd + bwd: 9.25 -> 7.72 ms without them); the model's inputs are
+            # checked at the forecaster's boundary and its results by the training loop and the detector
+            check_finite=not xc.is_cuda)
         return y.transpose(1, 2), LayerState(new_conv, ssm.float())
 
     def step(self, x: Tensor, z: Tensor, state: LayerState) -> Tensor:

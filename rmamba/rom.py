@@ -186,9 +186,12 @@ class RoMMixer(Mixer):
         gates = top_p if self.top_k == 1 else top_p / top_p.sum(-1, keepdim=True)
         flat = top_i.reshape(-1)                          # slot s = token * K + k
         order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.num_experts)
+        # slots per expert by a scatter-add, not torch.bincount: on CUDA bincount reads its input's maximum back to
+        # the host (a device sync in every forward, which stalls the host until the GPU has caught up)
+        counts = flat.new_zeros(self.num_experts).scatter_add_(0, flat, torch.ones_like(flat))
         sorted_pos = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-        return _Dispatch(order // self.top_k, sorted_pos, gates.reshape(-1)[order], counts, top_i, probs, logits)
+        token_of_slot = order if self.top_k == 1 else order // self.top_k
+        return _Dispatch(token_of_slot, sorted_pos, gates.reshape(-1)[order], counts, top_i, probs, logits)
 
     def project_in(self, h: Tensor) -> tuple[Tensor, _Dispatch]:
         """h (N, d_model) -> xz (N, 2*d_inner) summed over each token's K experts."""

@@ -143,3 +143,14 @@ def test_detector_saved_by_version_1_loads_and_scores_surprise_alone(tmp_path):
     (tmp_path / "m" / "detector.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="format_version expected one of"):
         RoMDetector.load(tmp_path / "m")
+
+
+def test_a_non_finite_forecast_is_an_error_not_silent_nan_scores():
+    """On a GPU the scan runs without its NaN checks; a model with non-finite weights must still not score
+    quietly (NaN scores would never cross a threshold): the detector names the type and the step."""
+    det = _detector()
+    with torch.no_grad():
+        det.model.heads["pump"].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"pump: the model's forecast is not finite at step \d+"):
+        det.score(_values(50), "pump")
+    det.score(_values(50, seed=2)[:, :2], "fan")        # another type's head is untouched: it still scores

@@ -345,3 +345,30 @@ def test_slot_gather_and_combine_are_adjoint_gathers(k):
     xx = x.clone().requires_grad_()
     assert torch.autograd.gradcheck(lambda a: rom_mod._GatherSlots.apply(a, d.token_of_slot, d.sorted_pos, k), (hh,))
     assert torch.autograd.gradcheck(lambda a: rom_mod._CombineSlots.apply(a, d.token_of_slot, d.sorted_pos, k), (xx,))
+
+
+def test_scan_finiteness_check_can_be_turned_off_and_the_model_keeps_it_on_the_cpu(monkeypatch):
+    u, dl = torch.randn(1, 4, 5), torch.randn(1, 4, 5)
+    dl[0, 0, 0] = float("nan")
+    A, B, C = -torch.ones(4, 2), torch.randn(1, 2, 5), torch.randn(1, 2, 5)
+    y = kernels.selective_scan(u, dl, A, B, C, check_finite=False)     # no error; NaN flows through
+    assert y.shape == (1, 4, 5) and torch.isnan(y).any()
+    with pytest.raises(ValueError, match=r"^B: expected shape"):       # shapes are still checked
+        kernels.selective_scan(u, dl, A, B[:, :, :4], C, check_finite=False)
+    # the model asks for the check except on a GPU, where it would sync the device (CPU here: on)
+    seen = []
+    real = kernels.selective_scan
+    monkeypatch.setattr(kernels, "selective_scan", lambda *a, **k: seen.append(k["check_finite"]) or real(*a, **k))
+    MambaMixer(small(num_experts=0))(torch.randn(1, 6, 16))
+    assert seen == [True]
+
+
+def test_routing_counts_match_the_experts_chosen():
+    """Slots per expert come from a scatter-add (no device sync); they equal a bincount of the choices, also for
+    experts nobody chose and for K > 1."""
+    torch.manual_seed(3)
+    for k in (1, 2):
+        m = RoMMixer(small(num_experts=6, top_k=k))
+        d = m.route(torch.randn(5, 16))           # 5 tokens: at K = 1 some of the 6 experts get none
+        assert torch.equal(d.counts, torch.bincount(d.top_experts.flatten(), minlength=6))
+        assert torch.equal(d.token_of_slot, torch.argsort(d.top_experts.flatten(), stable=True) // k)

@@ -3,6 +3,7 @@ early stopping, thresholds from the held-back period only, and the store stage (
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 
@@ -262,3 +263,26 @@ def test_a_long_gap_splits_series_and_short_gaps_become_unobserved_steps(tmp_pat
     lengths = [len(s) for s in train["pump"]]
     assert lengths[0] == 180 and not train["pump"][0].observed()[65].any()  # 01:05 filled as unobserved
     assert [s.name for s in train["pump"]] == ["P-1#0", "P-1#1"] and len(val["pump"]) == 1
+
+
+def test_a_non_finite_loss_stops_training_with_a_named_error_and_no_checkpoint(tmp_path, monkeypatch):
+    """The model runs the scan without its NaN checks on a GPU, so a diverged run is caught at the loss: a clear
+    error naming the step and the settings to change, raised before the step's checkpoint is written."""
+    from rmamba.forecaster import ForecastOutput
+
+    real = ForecastOutput.forecast_loss
+    calls = []
+
+    def loss(self):
+        calls.append(1)
+        value = real(self)
+        return value * float("nan") if len(calls) > 3 else value   # steps 1-3 fine, then NaN
+
+    monkeypatch.setattr(ForecastOutput, "forecast_loss", loss)
+    c = cfg(steps=6, checkpoint_every=1, checkpoint_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"training step \d+: the loss is not finite .* lower train\.lr"):
+        train_detector(toy_series(), SENSORS, TINY, c)
+    saved = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=False)
+    state = json.loads(saved["state"])
+    assert 1 <= state["step"] < 6
+    assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
