@@ -12,24 +12,26 @@ from kernels._validate import check_tensor
 def selective_state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
                            B: torch.Tensor, C: torch.Tensor, D: torch.Tensor | None = None,
                            z: torch.Tensor | None = None, dt_bias: torch.Tensor | None = None,
-                           dt_softplus: bool = False) -> torch.Tensor:
+                           dt_softplus: bool = False, check_finite: bool = True) -> torch.Tensor:
     """Advance ``state`` (batch, d_inner, d_state) by one step IN PLACE and return y (batch, d_inner).
 
     x, dt, z: (batch, d_inner); A: (d_inner, d_state); B, C: (batch, d_state); D, dt_bias: (d_inner,).
     Math is that of one time step of ``selective_scan`` (state kept in its own dtype, fp32 normally).
+    check_finite: the NaN / Inf checks of ``selective_scan`` (one device sync per tensor on a GPU).
     """
-    check_tensor("state", state, None)
+    ok = not check_finite
+    check_tensor("state", state, None, allow_nan=ok)
     if state.dim() != 3:
         raise ValueError(f"state: expected shape (batch, d_inner, d_state), got {tuple(state.shape)}")
     b, d, n = state.shape
-    check_tensor("x", x, (b, d))
-    check_tensor("dt", dt, (b, d))
-    check_tensor("A", A, (d, n))
-    check_tensor("B", B, (b, n))
-    check_tensor("C", C, (b, n))
-    check_tensor("D", D, (d,), optional=True)
-    check_tensor("z", z, (b, d), optional=True)
-    check_tensor("dt_bias", dt_bias, (d,), optional=True)
+    check_tensor("x", x, (b, d), allow_nan=ok)
+    check_tensor("dt", dt, (b, d), allow_nan=ok)
+    check_tensor("A", A, (d, n), allow_nan=ok)
+    check_tensor("B", B, (b, n), allow_nan=ok)
+    check_tensor("C", C, (b, n), allow_nan=ok)
+    check_tensor("D", D, (d,), optional=True, allow_nan=ok)
+    check_tensor("z", z, (b, d), optional=True, allow_nan=ok)
+    check_tensor("dt_bias", dt_bias, (d,), optional=True, allow_nan=ok)
     if state.is_cuda:
         try:
             from kernels.triton_step import selective_state_update_triton, step_supported

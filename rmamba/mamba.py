@@ -132,7 +132,8 @@ class SelectiveSSM(nn.Module):
         dt, B, C = self._ssm_params(xc)
         A = -torch.exp(self.A_log.float())
         return kernels.selective_state_update(state.ssm, xc, dt, A, B, C, D=self.D.float(), z=z,
-                                              dt_bias=self.dt_proj.bias.float(), dt_softplus=True)
+                                              dt_bias=self.dt_proj.bias.float(), dt_softplus=True,
+                                              check_finite=not xc.is_cuda)    # as in forward
 
 
 class Mixer(nn.Module):

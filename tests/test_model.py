@@ -361,6 +361,15 @@ def test_scan_finiteness_check_can_be_turned_off_and_the_model_keeps_it_on_the_c
     monkeypatch.setattr(kernels, "selective_scan", lambda *a, **k: seen.append(k["check_finite"]) or real(*a, **k))
     MambaMixer(small(num_experts=0))(torch.randn(1, 6, 16))
     assert seen == [True]
+    # the one-step update likewise
+    x = torch.randn(1, 4)
+    x[0, 1] = float("nan")
+    state = torch.zeros(1, 4, 2)
+    with pytest.raises(ValueError, match=r"^x: contains NaN"):
+        kernels.selective_state_update(state, x, torch.randn(1, 4), A, torch.randn(1, 2), torch.randn(1, 2))
+    y = kernels.selective_state_update(state, x, torch.randn(1, 4), A, torch.randn(1, 2), torch.randn(1, 2),
+                                       check_finite=False)
+    assert torch.isnan(y[0, 1]) and torch.isfinite(y[0, 0])
 
 
 def test_routing_counts_match_the_experts_chosen():
