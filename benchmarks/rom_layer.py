@@ -53,16 +53,20 @@ def fwd_bwd(layer: Block, h: torch.Tensor, w: torch.Tensor, amp: bool) -> torch.
     return out.detach()
 
 
-def time_ms(fn, device: torch.device, repeats: int, warmup: int = 3) -> list[float]:
+def time_ms(fn, device: torch.device, repeats: int, warmup: int = 3) -> tuple[list[float], list[float]]:
+    """Per call: the time of one fn() from an idle device to its end (CUDA events on a GPU), and the host time
+    until fn() returned (where the two are close, the host is the slower side). Returns (times, host_times), ms."""
     for _ in range(warmup):
         fn()
-    times = []
+    times, host = [], []
     for _ in range(repeats):
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             torch.cuda.synchronize()
+            t0 = time.perf_counter()
             start.record()
             fn()
+            host.append((time.perf_counter() - t0) * 1e3)
             end.record()
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end))
@@ -70,7 +74,8 @@ def time_ms(fn, device: torch.device, repeats: int, warmup: int = 3) -> list[flo
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    return times
+            host.append(times[-1])
+    return times, host
 
 
 def check_grouped(layer: Block, h: torch.Tensor, w: torch.Tensor, amp: bool) -> float:
@@ -91,9 +96,10 @@ def check_grouped(layer: Block, h: torch.Tensor, w: torch.Tensor, amp: bool) -> 
 
 
 def run(args: argparse.Namespace) -> dict:
+    """Check every RoM variant, then time all variants in interleaved rounds (each round runs every variant
+    ``repeats`` times, in the same order), so that a drift of the card's clocks or of the host touches all alike."""
     device = torch.device(args.device)
     amp = device.type == "cuda"
-    rows = []
     variants = [("dense", 0, 1, None)]
     for e, k in ((8, 1), (1, 1), (32, 1), (8, 2)):
         variants.append((f"rom E={e} K={k}", e, k, None))
@@ -101,6 +107,7 @@ def run(args: argparse.Namespace) -> dict:
     g = torch.Generator(device="cpu").manual_seed(1)
     h = torch.randn(args.batch, args.length, args.d_model, generator=g).to(device)
     w = torch.randn(args.batch, args.length, args.d_model, generator=g).to(device)
+    runs = []
     for name, e, k, grouped in variants:
         layer = make_layer(args.d_model, e, k, device)
         check = None
@@ -112,26 +119,46 @@ def run(args: argparse.Namespace) -> dict:
             check = check_grouped(layer, h, w, amp)
             if check > 3e-2:
                 raise SystemExit(f"{name}: grouped and loop paths disagree ({check:.2e})")
-        patch = (mock.patch.object(rom, "grouped_mm_available", lambda *a: False) if grouped is False
-                 else nullcontext())
         hh = h.detach().clone().requires_grad_()
 
-        def step(layer: Block = layer, hh: torch.Tensor = hh) -> None:
+        def step(layer: Block = layer, hh: torch.Tensor = hh, grouped: bool | None = grouped) -> None:
             layer.zero_grad(set_to_none=True)
             hh.grad = None
-            fwd_bwd(layer, hh, w, amp)
+            patch = (mock.patch.object(rom, "grouped_mm_available", lambda *a: False) if grouped is False
+                     else nullcontext())
+            with patch:
+                fwd_bwd(layer, hh, w, amp)
 
-        with patch:
-            times = time_ms(step, device, args.repeats)
-        params = sum(p.numel() for p in layer.parameters())
-        rows.append({"name": name, "experts": e, "top_k": k, "params": params, "median_ms": statistics.median(times),
-                     "min_ms": min(times), "max_ms": max(times), "grouped_check": check,
-                     "grouped": auto if grouped is None else grouped})
-        print(f"{name:28s} {statistics.median(times):9.3f} ms  (params {params:,})", flush=True)
+        runs.append({"name": name, "experts": e, "top_k": k, "params": sum(p.numel() for p in layer.parameters()),
+                     "grouped_check": check, "grouped": auto if grouped is None else grouped, "step": step,
+                     "times": [], "host": [], "round_medians": []})
+    for _ in range(args.rounds):
+        for r in runs:
+            times, host = time_ms(r["step"], device, args.repeats)
+            r["times"] += times
+            r["host"] += host
+            r["round_medians"].append(statistics.median(times))
+    rows = []
+    for r in runs:
+        t = r.pop("times")
+        host = r.pop("host")
+        r.pop("step")
+        rows.append({**r, "median_ms": statistics.median(t), "min_ms": min(t), "max_ms": max(t),
+                     "host_median_ms": statistics.median(host)})
+        print(f"{r['name']:28s} {statistics.median(t):9.3f} ms  host {statistics.median(host):8.3f} ms  "
+              f"(params {r['params']:,})", flush=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     return {"device": name, "torch": torch.__version__, "batch": args.batch, "length": args.length,
             "d_model": args.d_model, "dtype": "bf16 autocast" if amp else "fp32", "repeats": args.repeats,
-            "rows": rows, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            "rounds": args.rounds, "rows": rows, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def _timing_text(res: dict) -> str:
+    if "rounds" not in res:         # results of the first version (one block of timings per variant)
+        return f"Median (min-max) of {res['repeats']} timings after warm-up (CUDA events on a GPU)."
+    return (f"Median (min-max) of {res['rounds']} interleaved rounds x {res['repeats']} timings per variant after "
+            "warm-up (CUDA events on a GPU; every variant once per round, so clock drift touches all alike); "
+            "'host': median host time until the call returned (near the fwd+bwd time: the host is the slower side).")
 
 
 def render(res: dict) -> str:
@@ -142,18 +169,20 @@ def render(res: dict) -> str:
         f"Card: **{res['device']}**, torch {res['torch']}, {res['when']}. Layer = RMSNorm -> mixer -> residual, "
         f"d_model {res['d_model']}, d_inner {2 * res['d_model']}, d_state 16; batch {res['batch']} x L "
         f"{res['length']}; {res['dtype']}; forward + backward (loss = weighted sum of the output + routing "
-        f"auxiliary losses). Median (min-max) of {res['repeats']} timings after warm-up (CUDA events on a GPU). "
+        f"auxiliary losses). {_timing_text(res)} "
         "Every RoM row with the grouped path was first checked against the per-expert loop (same weights and inputs).",
         "",
-        "| layer | total params | fwd+bwd ms | vs dense | routed projections | grouped vs loop max rel. diff |",
-        "|---|---:|---:|---:|---|---:|",
+        "| layer | total params | fwd+bwd ms | vs dense | host ms | routed projections "
+        "| grouped vs loop max rel. diff |",
+        "|---|---:|---:|---:|---:|---|---:|",
     ]
     for r in res["rows"]:
         path = "dense Linear" if r["experts"] == 0 else ("torch._grouped_mm (bf16)" if r["grouped"] else
                                                          "loop over experts (F.linear)")
         chk = f"{r['grouped_check']:.1e}" if r.get("grouped_check") is not None else "-"
+        host = f"{r['host_median_ms']:.3f}" if "host_median_ms" in r else "-"
         lines.append(f"| {r['name']} | {r['params']:,} | {r['median_ms']:.3f} ({r['min_ms']:.3f}-{r['max_ms']:.3f})"
-                     f" | {r['median_ms'] / dense:.2f}x | {path} | {chk} |")
+                     f" | {r['median_ms'] / dense:.2f}x | {host} | {path} | {chk} |")
     rom8 = next(r for r in res["rows"] if r["name"] == "rom E=8 K=1")["median_ms"]
     verdict = "met" if rom8 / dense <= 1.3 else "NOT met"
     lines += ["", f"Target: RoM (E=8, K=1) forward + backward within 1.3x the dense layer: {rom8 / dense:.2f}x, "
@@ -167,7 +196,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--d-model", type=int, default=1024)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--length", type=int, default=2048)
-    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=10, help="timings per variant and round")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds over all variants")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     p.add_argument("--render", type=Path, help="only write BENCHMARKS.md from a saved JSON")
     p.add_argument("--no-write", action="store_true")
