@@ -704,7 +704,8 @@ def train_detector(
         step += 1
         dt = time.perf_counter() - t0
         seconds += dt
-        loss_value, nll_value, aux_value = float(loss.detach()), float(nll.detach()), float(aux.detach())
+        # one read-back for the three numbers (each float() of a GPU tensor waits for the device)
+        loss_value, nll_value, aux_value = torch.stack([loss.detach(), nll.detach(), aux.detach()]).tolist()
         if not math.isfinite(loss_value):       # raised before anything is saved: the last checkpoint stays good
             raise ValueError(
                 f"training step {step}: the loss is not finite (forecast NLL {nll_value}, routing loss {aux_value}): "

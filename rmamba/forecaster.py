@@ -119,7 +119,7 @@ class RoMForecaster(nn.Module):
         elif tuple(mask.shape) != tuple(values.shape):
             raise ValueError(f"mask: expected the shape of values {tuple(values.shape)}, got {tuple(mask.shape)}")
         observed = mask.bool()
-        if not torch.isfinite(values[observed]).all():
+        if (observed & ~torch.isfinite(values)).any():       # one read-back; no boolean-mask gather
             raise ValueError("values: NaN or Inf where mask says observed (mark missing values with mask=0)")
         if state is not None:
             if state.equipment_type != equipment_type:
