@@ -1454,13 +1454,20 @@ def _bc_rows(x: torch.Tensor, NP: int, T: int) -> torch.Tensor:
     return out
 
 
-def _chain(loc: torch.Tensor, dsum: torch.Tensor, A: torch.Tensor, init: torch.Tensor | None,
-           reverse: bool) -> torch.Tensor:
-    """_chain_kernel: every segment's start state (forward) or incoming carry (reverse), (b, n_seg, n, d) fp32, from
-    the LOCAL pass's results (loc, dsum) and the initial state / final-state gradient init (b, n, d) or None."""
+def _chain_buffers(loc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """_chain's outputs for LOCAL results shaped like loc: allocated before the LOCAL launch, so that between the
+    launches the host has nothing left to do but launch (at short sequences the GPU would wait for it)."""
     b, n_seg, n, d = loc.shape
-    start = torch.empty_like(loc)
-    fin = torch.empty((b, n, d), device=loc.device, dtype=torch.float32)
+    return torch.empty_like(loc), torch.empty((b, n, d), device=loc.device, dtype=torch.float32)
+
+
+def _chain(loc: torch.Tensor, dsum: torch.Tensor, A: torch.Tensor, init: torch.Tensor | None,
+           reverse: bool, bufs: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """_chain_kernel: every segment's start state (forward) or incoming carry (reverse), (b, n_seg, n, d) fp32, from
+    the LOCAL pass's results (loc, dsum) and the initial state / final-state gradient init (b, n, d) or None.
+    bufs: (start, scratch) from _chain_buffers (allocated here when None)."""
+    b, n_seg, n, d = loc.shape
+    start, fin = bufs if bufs is not None else _chain_buffers(loc)
     total = b * d * n
     args = (loc, dsum, A, fin if init is None else init, start, fin, total, d, n_seg)
     _launch(_chain_kernel, (cdiv(total, 512),), args,
@@ -1530,13 +1537,14 @@ def _forward(u, delta, A, B, C, D, z, delta_bias, h0, softplus: bool, save_ck: b
     if n_seg > 1:
         hloc = torch.empty((b, n_seg, n, d), **f32)
         dsum = torch.empty((b, n_seg, d), **f32)
+        chain_in = bool(cfg.get("CHAIN_IN")) and G == 1      # the main pass chains its start state itself
+        bufs = None if chain_in else _chain_buffers(hloc)
         launch((u, delta, A, *bc, *opt, dummy, y, hloc, dsum, dummy, dummy, L, *sizes, d, seg, n_seg, 1, *strides),
                dict(CK=0, HAS_H0=False, LOCAL=True, **common))
-        chain_in = bool(cfg.get("CHAIN_IN")) and G == 1      # the main pass chains its start state itself
         if chain_in:
             loc = hloc
         else:
-            h0_main, has_h0, dsum = _chain(hloc, dsum, A, h0p, reverse=False), True, dummy
+            h0_main, has_h0, dsum = _chain(hloc, dsum, A, h0p, reverse=False, bufs=bufs), True, dummy
     main_kw = dict(CK=ck_len if save_ck else 0, HAS_H0=has_h0, LOCAL=False, **common)
     if chain_in:
         main_kw["CHAIN_IN"] = True
@@ -1601,19 +1609,20 @@ def _backward(dout, dfinal, u, delta, A, B, C, D, z, delta_bias, softplus: bool,
     pend, has_pend = (pf if pf is not None else dummy), pf is not None
     ploc = dsum = dummy
     chain_in = False
+    scr = torch.empty((n_db * b * n_seg, ck_len // T, n, BD), **f32)   # before the first launch, as _chain_buffers
     if n_seg > 1:
         ploc = torch.empty((b, n_seg, n, d), **f32)
         dsum = torch.empty((b, n_seg, d), **f32)
+        chain_in = bool(cfg.get("CHAIN_IN"))     # the main pass chains its incoming carry itself
+        bufs = None if chain_in else _chain_buffers(ploc)
         _launch(_bwd_kernel, grid, (u, delta, A, B, C, *opt, dout, dummy, dummy, dummy, dummy, dummy, dummy, dummy,
                                     dummy, dummy, dummy, dummy, dummy, ploc, dsum, L, d, seg, n_seg, n_ck, *strides),
                 dict(HAS_PEND=False, LOCAL=True, **common))
-        chain_in = bool(cfg.get("CHAIN_IN"))     # the main pass chains its incoming carry itself
         if not chain_in:
-            pend, has_pend, ploc, dsum = _chain(ploc, dsum, A, pf, reverse=True), True, dummy, dummy
+            pend, has_pend, ploc, dsum = _chain(ploc, dsum, A, pf, reverse=True, bufs=bufs), True, dummy, dummy
     main_kw = dict(HAS_PEND=has_pend, LOCAL=False, **common)
     if chain_in:
         main_kw["CHAIN_IN"] = True
-    scr = torch.empty((n_db * b * n_seg, ck_len // T, n, BD), **f32)
     _launch_checked(_bwd_kernel, grid,
                     (u, delta, A, B, C, *opt, dout, ck, pend, scr, du, ddelta, dz if dz is not None else dummy, dBt,
                      dCt, dAp, dDp if dDp is not None else dummy, dbp if dbp is not None else dummy, dh0, ploc, dsum,
