@@ -1465,7 +1465,7 @@ def _chain(loc: torch.Tensor, dsum: torch.Tensor, A: torch.Tensor, init: torch.T
            reverse: bool, bufs: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """_chain_kernel: every segment's start state (forward) or incoming carry (reverse), (b, n_seg, n, d) fp32, from
     the LOCAL pass's results (loc, dsum) and the initial state / final-state gradient init (b, n, d) or None.
-    bufs: (start, scratch) from _chain_buffers (allocated here when None)."""
+    bufs: its two output buffers (start, fin) from _chain_buffers (allocated here when None)."""
     b, n_seg, n, d = loc.shape
     start, fin = bufs if bufs is not None else _chain_buffers(loc)
     total = b * d * n
