@@ -78,6 +78,24 @@ def time_ms(fn, device: torch.device, repeats: int, warmup: int = 3) -> tuple[li
     return times, host
 
 
+def count_syncs(fn) -> int | None:
+    """Device syncs in one fn() on a GPU (each one stops the host from running ahead of the device), counted with
+    torch's sync debug mode ("called a synchronizing CUDA operation" warnings); None on the CPU."""
+    if not torch.cuda.is_available():
+        return None
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing" in str(w.message) for w in caught)
+
+
 def check_grouped(layer: Block, h: torch.Tensor, w: torch.Tensor, amp: bool) -> float:
     """max |grouped - loop| / max |loop| of the layer output (and the input gradient), same weights and inputs."""
     errs = []
@@ -129,8 +147,10 @@ def run(args: argparse.Namespace) -> dict:
             with patch:
                 fwd_bwd(layer, hh, w, amp)
 
+        step()                                  # warm (first calls compile and allocate)
         runs.append({"name": name, "experts": e, "top_k": k, "params": sum(p.numel() for p in layer.parameters()),
                      "grouped_check": check, "grouped": auto if grouped is None else grouped, "step": step,
+                     "syncs": count_syncs(step) if device.type == "cuda" else None,
                      "times": [], "host": [], "round_medians": []})
     for _ in range(args.rounds):
         for r in runs:
@@ -158,7 +178,8 @@ def _timing_text(res: dict) -> str:
         return f"Median (min-max) of {res['repeats']} timings after warm-up (CUDA events on a GPU)."
     return (f"Median (min-max) of {res['rounds']} interleaved rounds x {res['repeats']} timings per variant after "
             "warm-up (CUDA events on a GPU; every variant once per round, so clock drift touches all alike); "
-            "'host': median host time until the call returned (near the fwd+bwd time: the host is the slower side).")
+            "'host': median host time until the call returned (near the fwd+bwd time: the host is the slower side); "
+            "'device syncs': read-backs that made the host wait for the GPU in one call (torch's sync debug mode).")
 
 
 def render(res: dict) -> str:
@@ -172,17 +193,18 @@ def render(res: dict) -> str:
         f"auxiliary losses). {_timing_text(res)} "
         "Every RoM row with the grouped path was first checked against the per-expert loop (same weights and inputs).",
         "",
-        "| layer | total params | fwd+bwd ms | vs dense | host ms | routed projections "
+        "| layer | total params | fwd+bwd ms | vs dense | host ms | device syncs | routed projections "
         "| grouped vs loop max rel. diff |",
-        "|---|---:|---:|---:|---:|---|---:|",
+        "|---|---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in res["rows"]:
         path = "dense Linear" if r["experts"] == 0 else ("torch._grouped_mm (bf16)" if r["grouped"] else
                                                          "loop over experts (F.linear)")
         chk = f"{r['grouped_check']:.1e}" if r.get("grouped_check") is not None else "-"
         host = f"{r['host_median_ms']:.3f}" if "host_median_ms" in r else "-"
+        syncs = "-" if r.get("syncs") is None else str(r["syncs"])
         lines.append(f"| {r['name']} | {r['params']:,} | {r['median_ms']:.3f} ({r['min_ms']:.3f}-{r['max_ms']:.3f})"
-                     f" | {r['median_ms'] / dense:.2f}x | {host} | {path} | {chk} |")
+                     f" | {r['median_ms'] / dense:.2f}x | {host} | {syncs} | {path} | {chk} |")
     rom8 = next(r for r in res["rows"] if r["name"] == "rom E=8 K=1")["median_ms"]
     verdict = "met" if rom8 / dense <= 1.3 else "NOT met"
     lines += ["", f"Target: RoM (E=8, K=1) forward + backward within 1.3x the dense layer: {rom8 / dense:.2f}x, "

@@ -25,7 +25,8 @@ def test_rounds_time_every_variant_and_the_table_renders():
         assert len(r["round_medians"]) == 3 and r["min_ms"] <= r["median_ms"] <= r["max_ms"]
         assert r["host_median_ms"] > 0 and "step" not in r
     text = rom_layer.render(res)
-    assert "3 interleaved rounds x 2 timings" in text and "| host ms |" in text
+    assert "3 interleaved rounds x 2 timings" in text and "| host ms | device syncs |" in text
+    assert all(r["syncs"] is None for r in res["rows"])            # counted on a GPU only
     assert "Target: RoM (E=8, K=1) forward + backward within 1.3x the dense layer" in text
     old = {**res, "rows": [{k: v for k, v in r.items() if k != "host_median_ms"} for r in res["rows"]]}
     del old["rounds"]
