@@ -78,10 +78,10 @@ def time_ms(fn, device: torch.device, repeats: int, warmup: int = 3) -> tuple[li
     return times, host
 
 
-def count_syncs(fn) -> int | None:
+def count_syncs(fn, device: torch.device) -> int | None:
     """Device syncs in one fn() on a GPU (each one stops the host from running ahead of the device), counted with
     torch's sync debug mode ("called a synchronizing CUDA operation" warnings); None on the CPU."""
-    if not torch.cuda.is_available():
+    if device.type != "cuda":
         return None
     import warnings
 
@@ -94,6 +94,11 @@ def count_syncs(fn) -> int | None:
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return sum("synchronizing" in str(w.message) for w in caught)
+
+
+def _path(grouped: bool | None):
+    """The routed projections' path for a variant: the automatic choice (None) or the loop over experts (False)."""
+    return mock.patch.object(rom, "grouped_mm_available", lambda *a: False) if grouped is False else nullcontext()
 
 
 def check_grouped(layer: Block, h: torch.Tensor, w: torch.Tensor, amp: bool) -> float:
@@ -139,34 +144,31 @@ def run(args: argparse.Namespace) -> dict:
                 raise SystemExit(f"{name}: grouped and loop paths disagree ({check:.2e})")
         hh = h.detach().clone().requires_grad_()
 
-        def step(layer: Block = layer, hh: torch.Tensor = hh, grouped: bool | None = grouped) -> None:
+        def step(layer: Block = layer, hh: torch.Tensor = hh) -> None:
             layer.zero_grad(set_to_none=True)
             hh.grad = None
-            patch = (mock.patch.object(rom, "grouped_mm_available", lambda *a: False) if grouped is False
-                     else nullcontext())
-            with patch:
-                fwd_bwd(layer, hh, w, amp)
+            fwd_bwd(layer, hh, w, amp)
 
-        step()                                  # warm (first calls compile and allocate)
-        runs.append({"name": name, "experts": e, "top_k": k, "params": sum(p.numel() for p in layer.parameters()),
-                     "grouped_check": check, "grouped": auto if grouped is None else grouped, "step": step,
-                     "syncs": count_syncs(step) if device.type == "cuda" else None,
-                     "times": [], "host": [], "round_medians": []})
+        with _path(grouped):
+            step()                              # warm (first calls compile and allocate)
+            syncs = count_syncs(step, device)
+        row = {"name": name, "experts": e, "top_k": k, "params": sum(p.numel() for p in layer.parameters()),
+               "grouped_check": check, "grouped": auto if grouped is None else grouped, "syncs": syncs,
+               "round_medians": []}
+        runs.append((row, step, grouped, [], []))
     for _ in range(args.rounds):
-        for r in runs:
-            times, host = time_ms(r["step"], device, args.repeats)
-            r["times"] += times
-            r["host"] += host
-            r["round_medians"].append(statistics.median(times))
+        for row, step, grouped, times, host in runs:
+            with _path(grouped):
+                t, hs = time_ms(step, device, args.repeats)
+            times += t
+            host += hs
+            row["round_medians"].append(statistics.median(t))
     rows = []
-    for r in runs:
-        t = r.pop("times")
-        host = r.pop("host")
-        r.pop("step")
-        rows.append({**r, "median_ms": statistics.median(t), "min_ms": min(t), "max_ms": max(t),
+    for row, _, _, times, host in runs:
+        rows.append({**row, "median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
                      "host_median_ms": statistics.median(host)})
-        print(f"{r['name']:28s} {statistics.median(t):9.3f} ms  host {statistics.median(host):8.3f} ms  "
-              f"(params {r['params']:,})", flush=True)
+        print(f"{row['name']:28s} {statistics.median(times):9.3f} ms  host {statistics.median(host):8.3f} ms  "
+              f"(params {row['params']:,})", flush=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     return {"device": name, "torch": torch.__version__, "batch": args.batch, "length": args.length,
             "d_model": args.d_model, "dtype": "bf16 autocast" if amp else "fp32", "repeats": args.repeats,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -44,24 +45,24 @@ def check_scan_args(u, delta, A, B, C, D, z, delta_bias, initial_state, *, check
                     ) -> tuple[int, int, int, int]:
     """Validate selective_scan arguments; returns (batch, d_inner, length, d_state). check_finite=False skips
     the NaN / Inf checks (shapes, dtypes and devices are always checked)."""
-    nan_ok = not check_finite
-    check_tensor("u", u, None, allow_nan=nan_ok)
+    check = functools.partial(check_tensor, allow_nan=not check_finite)
+    check("u", u, None)
     if u.dim() != 3:
         raise ValueError(f"u: expected shape (batch, d_inner, L), got {tuple(u.shape)}")
     b, d, L = u.shape
     if L < 1:
         raise ValueError(f"u: expected L >= 1, got shape {tuple(u.shape)}")
-    check_tensor("delta", delta, (b, d, L), allow_nan=nan_ok)
-    check_tensor("A", A, None, allow_nan=nan_ok)
+    check("delta", delta, (b, d, L))
+    check("A", A, None)
     if A.dim() != 2 or A.shape[0] != d:
         raise ValueError(f"A: expected shape (d_inner={d}, d_state), got {tuple(A.shape)}")
     n = A.shape[1]
-    check_tensor("B", B, (b, n, L), allow_nan=nan_ok)
-    check_tensor("C", C, (b, n, L), allow_nan=nan_ok)
-    check_tensor("D", D, (d,), optional=True, allow_nan=nan_ok)
-    check_tensor("z", z, (b, d, L), optional=True, allow_nan=nan_ok)
-    check_tensor("delta_bias", delta_bias, (d,), optional=True, allow_nan=nan_ok)
-    check_tensor("initial_state", initial_state, (b, d, n), optional=True, allow_nan=nan_ok)
+    check("B", B, (b, n, L))
+    check("C", C, (b, n, L))
+    check("D", D, (d,), optional=True)
+    check("z", z, (b, d, L), optional=True)
+    check("delta_bias", delta_bias, (d,), optional=True)
+    check("initial_state", initial_state, (b, d, n), optional=True)
     devices = {t.device for t in (u, delta, A, B, C, D, z, delta_bias, initial_state) if t is not None}
     if len(devices) > 1:
         raise ValueError(f"selective_scan: all tensors must be on one device, got {sorted(map(str, devices))}")

@@ -3,6 +3,8 @@ go to the Triton step kernel (kernels.triton_step) when it takes them."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -19,19 +21,19 @@ def selective_state_update(state: torch.Tensor, x: torch.Tensor, dt: torch.Tenso
     Math is that of one time step of ``selective_scan`` (state kept in its own dtype, fp32 normally).
     check_finite: the NaN / Inf checks of ``selective_scan`` (one device sync per tensor on a GPU).
     """
-    ok = not check_finite
-    check_tensor("state", state, None, allow_nan=ok)
+    check = functools.partial(check_tensor, allow_nan=not check_finite)
+    check("state", state, None)
     if state.dim() != 3:
         raise ValueError(f"state: expected shape (batch, d_inner, d_state), got {tuple(state.shape)}")
     b, d, n = state.shape
-    check_tensor("x", x, (b, d), allow_nan=ok)
-    check_tensor("dt", dt, (b, d), allow_nan=ok)
-    check_tensor("A", A, (d, n), allow_nan=ok)
-    check_tensor("B", B, (b, n), allow_nan=ok)
-    check_tensor("C", C, (b, n), allow_nan=ok)
-    check_tensor("D", D, (d,), optional=True, allow_nan=ok)
-    check_tensor("z", z, (b, d), optional=True, allow_nan=ok)
-    check_tensor("dt_bias", dt_bias, (d,), optional=True, allow_nan=ok)
+    check("x", x, (b, d))
+    check("dt", dt, (b, d))
+    check("A", A, (d, n))
+    check("B", B, (b, n))
+    check("C", C, (b, n))
+    check("D", D, (d,), optional=True)
+    check("z", z, (b, d), optional=True)
+    check("dt_bias", dt_bias, (d,), optional=True)
     if state.is_cuda:
         try:
             from kernels.triton_step import selective_state_update_triton, step_supported

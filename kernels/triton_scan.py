@@ -1462,12 +1462,12 @@ def _chain_buffers(loc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _chain(loc: torch.Tensor, dsum: torch.Tensor, A: torch.Tensor, init: torch.Tensor | None,
-           reverse: bool, bufs: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+           reverse: bool, bufs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """_chain_kernel: every segment's start state (forward) or incoming carry (reverse), (b, n_seg, n, d) fp32, from
     the LOCAL pass's results (loc, dsum) and the initial state / final-state gradient init (b, n, d) or None.
-    bufs: its two output buffers (start, fin) from _chain_buffers (allocated here when None)."""
+    bufs: its two output buffers (start, fin) from _chain_buffers."""
     b, n_seg, n, d = loc.shape
-    start, fin = bufs if bufs is not None else _chain_buffers(loc)
+    start, fin = bufs
     total = b * d * n
     args = (loc, dsum, A, fin if init is None else init, start, fin, total, d, n_seg)
     _launch(_chain_kernel, (cdiv(total, 512),), args,
