@@ -47,7 +47,9 @@ class LayerState:
 class SelectiveSSM(nn.Module):
     """The part of a mixer shared by all experts: conv1d -> SiLU -> x_proj -> dt_proj -> scan, gated by z.
 
-    Input x, z: (batch, L, d_inner); output y: (batch, L, d_inner) = scan(x) * SiLU(z).
+    Channel-first, the scan's layout: input x, z (batch, d_inner, L), any strides, the fastest with time contiguous
+    (z is then read in place; x is copied once, into its padded conv input); output y (batch, d_inner, L)
+    = scan(x) * SiLU(z), contiguous.
     """
 
     def __init__(self, d_inner: int, d_state: int = 16, d_conv: int = 4, dt_rank: int = 4, dt_min: float = 1e-3,
@@ -93,32 +95,39 @@ class SelectiveSSM(nn.Module):
                 raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
 
     def _ssm_params(self, xc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """xc (..., d_inner) -> dt (..., d_inner) before bias/softplus, B (..., d_state), C (..., d_state)."""
-        dt_low, B, C = self.x_proj(xc).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        return F.linear(dt_low, self.dt_proj.weight), B, C  # bias + softplus happen inside the kernel (fp32)
+        """xc (b, d_inner, L), time contiguous -> dt (b, d_inner, L) before bias / softplus, B (b, d_state, L),
+        C (b, d_state, L): the scan's layout, so nothing is transposed on the way in or, for the gradients, out.
+
+        Both projections are batched matmuls over the batch rows (weights broadcast, not copied per row); as
+        nn.Linear on (b, L, d_inner) they would copy xc, dt and both gradients through a transpose (~4 passes over
+        a (b, d_inner, L) tensor per forward + backward)."""
+        b = xc.shape[0]
+        xdbl = torch.bmm(self.x_proj.weight.expand(b, -1, -1), xc)          # (b, dt_rank + 2 * d_state, L)
+        dt_low, B, C = xdbl.split([self.dt_rank, self.d_state, self.d_state], dim=1)
+        dt = torch.bmm(self.dt_proj.weight.expand(b, -1, -1), dt_low)       # (b, d_inner, L)
+        return dt, B, C  # bias + softplus happen inside the kernel (fp32)
 
     def forward(self, x: Tensor, z: Tensor, state: LayerState | None = None) -> tuple[Tensor, LayerState]:
-        """x, z: (batch, L, d_inner) -> y (batch, L, d_inner), new state (the given one is not modified)."""
+        """x, z: (batch, d_inner, L) -> y (batch, d_inner, L), new state (the given one is not modified)."""
         b = x.shape[0]
-        xt = x.transpose(1, 2)  # (b, d_inner, L)
         if state is None:
-            xpad = F.pad(xt, (self.d_conv - 1, 0))
+            xpad = F.pad(x, (self.d_conv - 1, 0))
         else:
             self._check_state(state, b)
-            xpad = torch.cat([state.conv.to(xt.dtype), xt], dim=-1)  # (b, d_inner, d_conv-1+L)
+            xpad = torch.cat([state.conv.to(x.dtype), x], dim=-1)  # (b, d_inner, d_conv-1+L)
         new_conv = xpad[:, :, xpad.shape[-1] - (self.d_conv - 1):]
         xc = F.silu(self.conv1d(xpad))  # (b, d_inner, L)
-        dt, B, C = self._ssm_params(xc.transpose(1, 2))  # (b, L, d_inner), (b, L, d_state) x2
+        dt, B, C = self._ssm_params(xc)  # (b, d_inner, L), (b, d_state, L) x2
         A = -torch.exp(self.A_log.float())  # (d_inner, d_state)
         y, ssm = kernels.selective_scan(
-            xc, dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), D=self.D.float(),
-            z=z.transpose(1, 2), delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+            xc, dt, A, B, C, D=self.D.float(),
+            z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
             initial_state=None if state is None else state.ssm, return_final_state=True,
             # on a GPU the scan's NaN / Inf checks would sync the device 8 times per call (H200, one layer of
             # d_model 1024, 8 x 2048 tokens, fwd + bwd: 9.25 -> 7.72 ms without them); the model's inputs are
             # checked at the forecaster's boundary and its results by the training loop and the detector
             check_finite=not xc.is_cuda)
-        return y.transpose(1, 2), LayerState(new_conv, ssm.float())
+        return y, LayerState(new_conv, ssm.float())
 
     def step(self, x: Tensor, z: Tensor, state: LayerState) -> Tensor:
         """One time step: x, z (batch, d_inner) -> y (batch, d_inner); ``state`` is updated in place."""
@@ -129,7 +138,7 @@ class SelectiveSSM(nn.Module):
             xc = xc + self.conv1d.bias
         xc = F.silu(xc).to(x.dtype)
         state.conv.copy_(window[:, :, 1:])
-        dt, B, C = self._ssm_params(xc)
+        dt, B, C = (t[..., 0] for t in self._ssm_params(xc[:, :, None]))    # one step: L = 1
         A = -torch.exp(self.A_log.float())
         return kernels.selective_state_update(state.ssm, xc, dt, A, B, C, D=self.D.float(), z=z,
                                               dt_bias=self.dt_proj.bias.float(), dt_softplus=True,
@@ -139,8 +148,9 @@ class SelectiveSSM(nn.Module):
 class Mixer(nn.Module):
     """Base of the dense and routed mixers: project in -> SelectiveSSM -> project out.
 
-    Subclasses define project_in(h_flat) -> (xz, routing) and project_out(y_flat, routing) -> out on
-    flattened tokens: h_flat (N, d_model), xz (N, 2*d_inner) = [x | z], y_flat (N, d_inner), out (N, d_model).
+    Subclasses define project_in(h) -> (xz, routing) and project_out(y, routing) -> out, channel-first between
+    the projections and the SSM (the scan's layout): h (batch, L, d_model), xz (batch, 2*d_inner, L) = [x; z] (any
+    strides; time contiguous saves the SSM a transposing copy), y (batch, d_inner, L), out (batch, L, d_model).
     """
 
     ssm: SelectiveSSM
@@ -165,21 +175,19 @@ class Mixer(nn.Module):
         """h (batch, L, d_model) -> (out (batch, L, d_model), new LayerState, RoutingStats or None)."""
         if h.dim() != 3 or h.shape[-1] != self.d_model:
             raise ValueError(f"h: expected shape (batch, L, d_model={self.d_model}), got {tuple(h.shape)}")
-        b, L, _ = h.shape
-        xz, routing = self.project_in(h.reshape(b * L, -1))
-        x, z = xz.view(b, L, -1).chunk(2, dim=-1)
+        xz, routing = self.project_in(h)
+        x, z = xz.chunk(2, dim=1)
         y, new_state = self.ssm(x, z, state)
-        out = self.project_out(y.reshape(b * L, -1), routing).view(b, L, -1)
-        return out, new_state, self.routing_stats(routing, (b, L))
+        return self.project_out(y, routing), new_state, self.routing_stats(routing, tuple(h.shape[:2]))
 
     def step(self, h: Tensor, state: LayerState) -> tuple[Tensor, RoutingStats | None]:
         """h (batch, d_model) -> (out (batch, d_model), RoutingStats or None); ``state`` updated in place."""
         if h.dim() != 2 or h.shape[-1] != self.d_model:
             raise ValueError(f"h: expected shape (batch, d_model={self.d_model}), got {tuple(h.shape)}")
-        xz, routing = self.project_in(h)
-        x, z = xz.chunk(2, dim=-1)
+        xz, routing = self.project_in(h[:, None])                # a sequence of one step
+        x, z = xz[:, :, 0].chunk(2, dim=-1)
         y = self.ssm.step(x, z, state)
-        return self.project_out(y, routing), self.routing_stats(routing, (h.shape[0], 1))
+        return self.project_out(y[:, :, None], routing)[:, 0], self.routing_stats(routing, (h.shape[0], 1))
 
 
 def make_ssm(cfg: RoMConfig) -> SelectiveSSM:
@@ -198,7 +206,36 @@ class MambaMixer(Mixer):
         self.out_proj = nn.Linear(cfg.d_inner, cfg.d_model, bias=False)
 
     def project_in(self, h: Tensor) -> tuple[Tensor, None]:
-        return self.in_proj(h), None
+        """One GEMM W_in @ h^T over all tokens, whose (2*d_inner, batch * L) result is already channel-first."""
+        b, L, _ = h.shape
+        return torch.mm(self.in_proj.weight, h.reshape(b * L, -1).t()).view(-1, b, L).transpose(0, 1), None
 
     def project_out(self, y: Tensor, routing: None) -> Tensor:
-        return self.out_proj(y)
+        return _ProjectOutChannelFirst.apply(y, self.out_proj.weight)
+
+
+class _ProjectOutChannelFirst(torch.autograd.Function):
+    """y (batch, d_inner, L) -> y^T W^T (batch, L, d_model): one GEMM over all tokens on y laid out (d_inner, tokens)
+    (a copy that keeps time contiguous, not a transpose), and a backward that hands the scan its gradient
+    channel-first (as nn.Linear on y^T would not: the scan would transpose it again). Runs under the autocast
+    state of the call (bf16 GEMMs under autocast, as nn.Linear would)."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, y: Tensor, w: Tensor) -> Tensor:
+        b, d, L = y.shape
+        yt = y.permute(1, 0, 2).reshape(d, b * L)                     # (d_inner, tokens)
+        out = torch.mm(yt.t(), w.t())                                  # (tokens, d_model)
+        ctx.save_for_backward(yt, w)
+        ctx.shape = (b, d, L)
+        return out.view(b, L, -1)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, g: Tensor) -> tuple[Tensor, Tensor]:
+        yt, w = ctx.saved_tensors
+        b, d, L = ctx.shape
+        g2 = g.reshape(b * L, -1)                                      # (tokens, d_model)
+        dy = torch.mm(w.t(), g2.t()).view(d, b, L).permute(1, 0, 2)   # (b, d_inner, L), time contiguous
+        dw = torch.mm(g2.t(), yt.t())                                  # (d_model, d_inner)
+        return dy, dw

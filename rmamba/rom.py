@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kernels.slots import combine_slots_cf, gather_slots_cf
 from rmamba.config import RoMConfig
 from rmamba.mamba import MambaMixer, Mixer, make_ssm
 
@@ -35,7 +36,7 @@ def grouped_mm_available(x: Tensor, weights: Tensor) -> bool:
 
 
 def expert_matmul(x_sorted: Tensor, weights: Tensor, counts: Tensor | Sequence[int],
-                  grouped: bool | None = None) -> Tensor:
+                  grouped: bool | None = None, offs: Tensor | None = None) -> Tensor:
     """Grouped matmul: row block e of ``x_sorted`` times expert e's weight.
 
     x_sorted: (S, d_in), rows grouped by expert in order 0..E-1; weights: (E, d_out, d_in) (nn.Linear layout);
@@ -43,17 +44,24 @@ def expert_matmul(x_sorted: Tensor, weights: Tensor, counts: Tensor | Sequence[i
     FLOPs = 2 * S * d_in * d_out, independent of E. ``grouped`` picks the path (None: automatic): True runs
     torch's grouped matmul in bf16 (``torch._grouped_mm``: one kernel for all experts, group offsets stay on the
     device, so no host sync); False loops over the experts with F.linear in the input dtype (exact fp32 on the CPU).
+    ``offs``: the grouped path's int32 cumulative counts, if the caller has them (one layer's projections share them).
     """
     if not isinstance(counts, Tensor):
         counts = torch.tensor(list(counts), dtype=torch.int64)
     if grouped is None:
         grouped = grouped_mm_available(x_sorted, weights)
     if grouped:
-        offs = counts.cumsum(0).to(device=x_sorted.device, dtype=torch.int32)
+        if offs is None:
+            offs = group_offsets(counts, x_sorted.device)
         return torch._grouped_mm(x_sorted.to(torch.bfloat16), weights.to(torch.bfloat16).transpose(1, 2), offs=offs)
     sizes = counts.tolist()
     pieces = [F.linear(xs, weights[e]) for e, xs in enumerate(x_sorted.split(sizes)) if sizes[e] > 0]
     return torch.cat(pieces) if pieces else x_sorted.new_zeros(0, weights.shape[1])
+
+
+def group_offsets(counts: Tensor, device: torch.device) -> Tensor:
+    """The grouped matmul's group ends: int32 cumulative slot counts, on ``device``."""
+    return counts.cumsum(0).to(device=device, dtype=torch.int32)
 
 
 @dataclass
@@ -115,6 +123,7 @@ class _Dispatch:
     top_experts: Tensor     # (N, K) int64
     probs: Tensor           # (N, E) fp32
     logits: Tensor          # (N, E) fp32
+    offs: Tensor | None = None  # (E,) int32 group ends for the grouped matmul, set by the first projection using it
 
 
 class _GatherSlots(torch.autograd.Function):
@@ -149,6 +158,40 @@ class _CombineSlots(torch.autograd.Function):
     def backward(ctx, g: Tensor):
         token_of_slot, sorted_pos = ctx.saved_tensors
         return _GatherSlots.apply(g, token_of_slot, sorted_pos, ctx.k), None, None, None
+
+
+class _CombineSlotsCF(torch.autograd.Function):
+    """x_sorted (N*K, C) -> (batch, C, L) channel-first: token t = (b, l) gets the sum of its K slots' rows. The
+    scan's layout in one pass (kernels.slots); _CombineSlots would give token-major rows, which the SSM would then
+    transpose. Adjoint: ``_GatherSlotsCF``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, token_of_slot: Tensor, sorted_pos: Tensor, k: int, shape: tuple[int, int]) -> Tensor:
+        ctx.save_for_backward(token_of_slot, sorted_pos)
+        ctx.k = k
+        return combine_slots_cf(x, sorted_pos, k, *shape)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        token_of_slot, sorted_pos = ctx.saved_tensors
+        return _GatherSlotsCF.apply(g, token_of_slot, sorted_pos, ctx.k), None, None, None, None
+
+
+class _GatherSlotsCF(torch.autograd.Function):
+    """Channel-first x (batch, C, L) -> (N*K, C): row p is token token_of_slot[p]'s column of x. Adjoint:
+    ``_CombineSlotsCF``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, token_of_slot: Tensor, sorted_pos: Tensor, k: int) -> Tensor:
+        ctx.save_for_backward(token_of_slot, sorted_pos)
+        ctx.k = k
+        ctx.shape = (x.shape[0], x.shape[2])
+        return gather_slots_cf(x, token_of_slot, sorted_pos, ctx.k)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        token_of_slot, sorted_pos = ctx.saved_tensors
+        return _CombineSlotsCF.apply(g, token_of_slot, sorted_pos, ctx.k, ctx.shape), None, None, None
 
 
 class RoMMixer(Mixer):
@@ -194,26 +237,31 @@ class RoMMixer(Mixer):
         return _Dispatch(token_of_slot, sorted_pos, gates.reshape(-1)[order], counts, top_i, probs, logits)
 
     def project_in(self, h: Tensor) -> tuple[Tensor, _Dispatch]:
-        """h (N, d_model) -> xz (N, 2*d_inner) summed over each token's K experts."""
+        """h (batch, L, d_model) -> xz (batch, 2*d_inner, L) summed over each token's K experts, channel-first."""
+        b, L, _ = h.shape
+        h = h.reshape(b * L, -1)
         d = self.route(h)
         grouped = grouped_mm_available(h, self.w_in)
         if grouped:
             h = h.to(torch.bfloat16)  # the grouped matmul reads bf16: gather half the bytes
         xs = _GatherSlots.apply(h, d.token_of_slot, d.sorted_pos, self.top_k)
-        xz_sorted = expert_matmul(xs, self.w_in, d.counts, grouped)  # (N*K, 2*d_inner)
+        if grouped:
+            d.offs = group_offsets(d.counts, h.device)
+        xz_sorted = expert_matmul(xs, self.w_in, d.counts, grouped, d.offs)  # (N*K, 2*d_inner)
         if self.gate_on_all:
             xz_sorted = xz_sorted * d.gate_of_slot[:, None].to(xz_sorted.dtype)
-        return _CombineSlots.apply(xz_sorted, d.token_of_slot, d.sorted_pos, self.top_k), d
+        return _CombineSlotsCF.apply(xz_sorted, d.token_of_slot, d.sorted_pos, self.top_k, (b, L)), d
 
     def project_out(self, y: Tensor, d: _Dispatch) -> Tensor:
-        """y (N, d_inner) -> out (N, d_model) = sum over the token's experts of g * y W_o."""
+        """y (batch, d_inner, L) -> out (batch, L, d_model) = sum over the token's experts of g * y W_o."""
+        b, _, L = y.shape
         grouped = grouped_mm_available(y, self.w_out)
         if grouped:
             y = y.to(torch.bfloat16)
-        o = expert_matmul(_GatherSlots.apply(y, d.token_of_slot, d.sorted_pos, self.top_k), self.w_out, d.counts,
-                          grouped)
+        o = expert_matmul(_GatherSlotsCF.apply(y, d.token_of_slot, d.sorted_pos, self.top_k), self.w_out, d.counts,
+                          grouped, d.offs if grouped else None)
         o = o * d.gate_of_slot[:, None].to(o.dtype)  # (N*K, d_model)
-        return _CombineSlots.apply(o, d.token_of_slot, d.sorted_pos, self.top_k)
+        return _CombineSlots.apply(o, d.token_of_slot, d.sorted_pos, self.top_k).view(b, L, -1)
 
     def routing_stats(self, d: _Dispatch, shape: tuple[int, int]) -> RoutingStats:
         n = d.probs.shape[0]

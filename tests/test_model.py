@@ -86,6 +86,28 @@ def test_mamba_mixer_matches_spec_math():
     torch.testing.assert_close(out.double(), spec_mamba(m, h), **TOL)
 
 
+def test_channel_first_projections_compute_and_differentiate_as_linear_layers():
+    """The dense mixer's projections run channel-first (one GEMM each, and a custom backward for W_o): the same
+    values and gradients as nn.Linear on token-major rows, for time-contiguous and transposed inputs."""
+    from rmamba.mamba import _ProjectOutChannelFirst
+
+    torch.manual_seed(0)
+    m = MambaMixer(small(num_experts=0)).double()
+    h = torch.randn(2, 9, 16, dtype=torch.float64)
+    xz, _ = m.project_in(h)
+    assert xz.shape == (2, 2 * m.d_inner, 9) and xz.stride(-1) == 1
+    torch.testing.assert_close(xz, F.linear(h, m.in_proj.weight).transpose(1, 2))
+    w = m.out_proj.weight.detach().clone().requires_grad_()
+    for y in (torch.randn(2, m.d_inner, 9, dtype=torch.float64),                  # contiguous
+              torch.randn(2, 9, m.d_inner, dtype=torch.float64).transpose(1, 2)):  # time stride d_inner
+        y.requires_grad_()
+        torch.testing.assert_close(_ProjectOutChannelFirst.apply(y, w), F.linear(y.transpose(1, 2), w))
+        assert torch.autograd.gradcheck(_ProjectOutChannelFirst.apply, (y, w))
+    y = torch.randn(2, m.d_inner, 9, dtype=torch.float64)
+    (dy,) = torch.autograd.grad(_ProjectOutChannelFirst.apply(y.requires_grad_(), w).sum(), y)
+    assert dy.stride(-1) == 1                   # the scan's backward reads it as it is, with no transposing copy
+
+
 def test_mamba_init_follows_spec():
     cfg = small(d_model=64, num_experts=0, d_state=16, dt_min=1e-3, dt_max=1e-1)
     m = MambaMixer(cfg)

@@ -1,0 +1,79 @@
+"""A RoM layer's token-slots moved between the grouped matmul's rows and the scan's channel-first layout.
+
+A routed projection works on token-slots sorted by expert (row p = the p-th slot in expert order, K slots per
+token); the selective scan works channel-first, (batch, channels, L) with time contiguous. Two adjoint gathers
+cross between the two in one pass each, where index_select on token-major rows plus a transposing copy take two:
+
+    combine_slots_cf(rows (N*K, C), sorted_pos (N*K,), k, batch, L) -> (batch, C, L), contiguous
+        out[b, c, l] = sum over j < k of rows[sorted_pos[(b*L + l)*k + j], c]
+    gather_slots_cf(x (batch, C, L), token_of_slot (N*K,), sorted_pos (N*K,), k) -> (N*K, C), contiguous
+        out[p, c] = x[t // L, c, t % L] with t = token_of_slot[p]  (the kernel: out[sorted_pos[t*k + j]] = x[t])
+
+(N = batch * L tokens; sorted_pos is the inverse of the slot order, token_of_slot the token of each sorted slot.)
+CUDA tensors run the Triton kernels of kernels.triton_slots (CPU tensors too with backend="triton" under
+TRITON_INTERPRET=1, which is how the tests run them); anything else runs torch ops. Both give the same values
+(K > 1 sums in fp32 in the kernel, in the rows' dtype in torch).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+SLOT_BACKENDS = ("torch", "triton")
+
+
+def _use_triton(x: torch.Tensor, backend: str | None) -> bool:
+    if backend is None:
+        if not x.is_cuda:
+            return False
+        try:
+            from kernels import triton_slots  # noqa: F401
+        except Exception:  # triton missing: the torch path is exact
+            return False
+        return True
+    if backend not in SLOT_BACKENDS:
+        raise ValueError(f"backend: expected one of {SLOT_BACKENDS}, got {backend!r}")
+    if backend == "triton" and not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1")
+    return backend == "triton"
+
+
+def _check_index(name: str, idx: torch.Tensor, n: int, device: torch.device) -> None:
+    if idx.dim() != 1 or idx.numel() != n or idx.dtype != torch.int64 or idx.device != device:
+        raise ValueError(f"{name}: expected an int64 vector of {n} slots on {device}, got {idx.dtype} "
+                         f"{tuple(idx.shape)} on {idx.device}")
+
+
+def combine_slots_cf(rows: torch.Tensor, sorted_pos: torch.Tensor, k: int, batch: int, L: int,
+                     backend: str | None = None) -> torch.Tensor:
+    """Sorted slot rows (batch*L*k, C) -> per-token sums over the k slots, channel-first (batch, C, L)."""
+    if rows.dim() != 2 or rows.shape[0] != batch * L * k:
+        raise ValueError(f"rows: expected shape ({batch * L * k}, C) for batch {batch} x L {L} x k {k}, "
+                         f"got {tuple(rows.shape)}")
+    _check_index("sorted_pos", sorted_pos, rows.shape[0], rows.device)
+    if _use_triton(rows, backend):
+        from kernels.triton_slots import combine_slots_cf_triton
+        return combine_slots_cf_triton(rows, sorted_pos, k, batch, L)
+    out = rows.index_select(0, sorted_pos)
+    if k > 1:
+        out = out.view(batch * L, k, -1).sum(1)
+    return out.view(batch, L, -1).transpose(1, 2).contiguous()
+
+
+def gather_slots_cf(x: torch.Tensor, token_of_slot: torch.Tensor, sorted_pos: torch.Tensor, k: int,
+                    backend: str | None = None) -> torch.Tensor:
+    """Channel-first x (batch, C, L) -> the row of each slot's token, in slot order (batch*L*k, C)."""
+    if x.dim() != 3:
+        raise ValueError(f"x: expected shape (batch, C, L), got {tuple(x.shape)}")
+    b, c, L = x.shape
+    _check_index("token_of_slot", token_of_slot, b * L * k, x.device)
+    _check_index("sorted_pos", sorted_pos, b * L * k, x.device)
+    if _use_triton(x, backend):
+        from kernels.triton_slots import gather_slots_cf_triton
+        return gather_slots_cf_triton(x, sorted_pos, k)
+    return x.transpose(1, 2).reshape(b * L, c).index_select(0, token_of_slot)
+
+
+__all__ = ["combine_slots_cf", "gather_slots_cf", "SLOT_BACKENDS"]

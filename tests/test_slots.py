@@ -1,0 +1,95 @@
+"""RoM's slot moves between the grouped matmul's rows and the scan's channel-first layout (kernels.slots): the
+Triton kernels (run by Triton's interpreter on the CPU, TRITON_INTERPRET=1 set before they are imported) against the
+torch path, and the autograd pair of rmamba.rom against index_select / index_add with fp64 gradcheck."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import pytest
+
+os.environ["TRITON_INTERPRET"] = "1"
+triton = pytest.importorskip("triton")
+torch = pytest.importorskip("torch")
+
+import rmamba.rom as rom_mod  # noqa: E402
+from kernels.slots import combine_slots_cf, gather_slots_cf  # noqa: E402
+from rmamba import RoMConfig, RoMMixer  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def interpreted():
+    """kernels.triton_slots in interpreter mode (re-imported if an earlier test loaded it compiled)."""
+    mod = sys.modules.get("kernels.triton_slots")
+    if mod is not None:
+        importlib.reload(mod)
+    mod = importlib.import_module("kernels.triton_slots")
+    assert type(mod._combine_cf_kernel).__name__ == "InterpretedFunction"
+    yield
+
+
+def dispatch(b: int, L: int, k: int, seed: int):
+    """A real routing of b * L random tokens over 5 experts, top-k."""
+    torch.manual_seed(seed)
+    mixer = RoMMixer(RoMConfig(d_model=8, n_layers=1, num_experts=5, top_k=k))
+    with torch.no_grad():
+        return mixer.route(torch.randn(b * L, 8))
+
+
+# C = 70 and L = 67 / 131 leave partial tiles of 64 on both axes
+@pytest.mark.parametrize("b,L,k", [(2, 67, 1), (1, 131, 2), (3, 5, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_slot_kernels_match_the_torch_path(b, L, k, dtype):
+    d = dispatch(b, L, k, seed=b * 10 + k)
+    rows = torch.randn(b * L * k, 70).to(dtype)
+    ref = combine_slots_cf(rows, d.sorted_pos, k, b, L, backend="torch")
+    out = combine_slots_cf(rows, d.sorted_pos, k, b, L, backend="triton")
+    assert out.shape == (b, 70, L) and out.is_contiguous() and out.dtype == dtype
+    # K = 1 moves values; K > 1 sums in fp32 (kernel) against the rows' dtype (torch)
+    tol = 0.0 if k == 1 else 1e-6 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+    x = torch.randn(b, L, 70).to(dtype).transpose(1, 2)           # channel-first view, time NOT contiguous
+    for xx in (x, x.contiguous()):
+        g_ref = gather_slots_cf(xx, d.token_of_slot, d.sorted_pos, k, backend="torch")
+        g = gather_slots_cf(xx, d.token_of_slot, d.sorted_pos, k, backend="triton")
+        assert g.shape == (b * L * k, 70) and g.is_contiguous()
+        torch.testing.assert_close(g, g_ref, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_channel_first_slot_functions_are_adjoint_gathers(k, backend, monkeypatch):
+    """combine = index_add of the slot rows into their tokens, gather = index_select of the tokens' columns; the
+    autograd pair differentiates as such (fp64 gradcheck) on either backend."""
+    b, L = 2, 7
+    d = dispatch(b, L, k, seed=k)
+    x = torch.randn(b * L * k, 6, dtype=torch.float64)
+    ref = x.new_zeros(b * L, 6).index_add_(0, d.token_of_slot, x).view(b, L, 6).transpose(1, 2)
+    monkeypatch.setattr(rom_mod, "combine_slots_cf",
+                        lambda *a: combine_slots_cf(*a, backend=backend))
+    monkeypatch.setattr(rom_mod, "gather_slots_cf", lambda *a: gather_slots_cf(*a, backend=backend))
+    comb = rom_mod._CombineSlotsCF.apply(x, d.token_of_slot, d.sorted_pos, k, (b, L))
+    torch.testing.assert_close(comb, ref)
+    y = torch.randn(b, 6, L, dtype=torch.float64)
+    torch.testing.assert_close(rom_mod._GatherSlotsCF.apply(y, d.token_of_slot, d.sorted_pos, k),
+                               y.transpose(1, 2).reshape(b * L, 6).index_select(0, d.token_of_slot))
+    assert torch.autograd.gradcheck(
+        lambda a: rom_mod._CombineSlotsCF.apply(a, d.token_of_slot, d.sorted_pos, k, (b, L)), (x.requires_grad_(),))
+    assert torch.autograd.gradcheck(
+        lambda a: rom_mod._GatherSlotsCF.apply(a, d.token_of_slot, d.sorted_pos, k), (y.requires_grad_(),))
+
+
+def test_slot_moves_name_what_is_wrong():
+    d = dispatch(1, 4, 1, seed=0)
+    with pytest.raises(ValueError, match=r"rows: expected shape \(4, C\)"):
+        combine_slots_cf(torch.randn(5, 3), d.sorted_pos, 1, 1, 4)
+    with pytest.raises(ValueError, match="sorted_pos: expected an int64 vector"):
+        combine_slots_cf(torch.randn(4, 3), d.sorted_pos.int(), 1, 1, 4)
+    with pytest.raises(ValueError, match=r"x: expected shape \(batch, C, L\)"):
+        gather_slots_cf(torch.randn(4, 3), d.token_of_slot, d.sorted_pos, 1)
+    with pytest.raises(ValueError, match="token_of_slot: expected an int64 vector of 8 slots"):
+        gather_slots_cf(torch.randn(1, 3, 4), d.token_of_slot, d.sorted_pos, 2)
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        gather_slots_cf(torch.randn(1, 3, 4), d.token_of_slot, d.sorted_pos, 1, backend="cuda")
