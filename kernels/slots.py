@@ -9,6 +9,13 @@ cross between the two in one pass each, where index_select on token-major rows p
     gather_slots_cf(x (batch, C, L), token_of_slot (N*K,), sorted_pos (N*K,), k) -> (N*K, C), contiguous
         out[p, c] = x[t // L, c, t % L] with t = token_of_slot[p]  (the kernel: out[sorted_pos[t*k + j]] = x[t])
 
+and, token-major on both sides, the routed out-projection's gated sum over a token's K slots with its gradient:
+
+    combine_slots_weighted(rows (N*K, C), gate (N*K,), sorted_pos, k) -> (N, C)
+        out[t, c] = sum over j < k of gate[s] * rows[s, c] with s = sorted_pos[t*k + j]
+    combine_slots_weighted_backward(rows, gate, token_of_slot, sorted_pos, k, grad (N, C))
+        -> (d rows (N*K, C) = gate[s] * grad[t], d gate (N*K,) = <rows[s], grad[t]>) with t = token_of_slot[s]
+
 (N = batch * L tokens; sorted_pos is the inverse of the slot order, token_of_slot the token of each sorted slot.)
 CUDA tensors run the Triton kernels of kernels.triton_slots (CPU tensors too with backend="triton" under
 TRITON_INTERPRET=1, which is how the tests run them); anything else runs torch ops. Both give the same values
@@ -76,4 +83,41 @@ def gather_slots_cf(x: torch.Tensor, token_of_slot: torch.Tensor, sorted_pos: to
     return x.transpose(1, 2).reshape(b * L, c).index_select(0, token_of_slot)
 
 
-__all__ = ["combine_slots_cf", "gather_slots_cf", "SLOT_BACKENDS"]
+def _check_weighted(rows: torch.Tensor, gate: torch.Tensor, sorted_pos: torch.Tensor, k: int) -> None:
+    if rows.dim() != 2 or rows.shape[0] % k:
+        raise ValueError(f"rows: expected shape (N*{k}, C), got {tuple(rows.shape)}")
+    if gate.shape != (rows.shape[0],) or gate.device != rows.device:
+        raise ValueError(f"gate: expected shape ({rows.shape[0]},) on {rows.device}, got {tuple(gate.shape)} on "
+                         f"{gate.device}")
+    _check_index("sorted_pos", sorted_pos, rows.shape[0], rows.device)
+
+
+def combine_slots_weighted(rows: torch.Tensor, gate: torch.Tensor, sorted_pos: torch.Tensor, k: int,
+                           backend: str | None = None) -> torch.Tensor:
+    """Sorted slot rows (N*k, C) and their gates (N*k,) -> per-token gated sums (N, C), token-major, rows' dtype."""
+    _check_weighted(rows, gate, sorted_pos, k)
+    if _use_triton(rows, backend):
+        from kernels.triton_slots import combine_slots_weighted_triton
+        return combine_slots_weighted_triton(rows, gate, sorted_pos, k)
+    out = (rows * gate[:, None].to(rows.dtype)).index_select(0, sorted_pos)
+    return out if k == 1 else out.view(-1, k, rows.shape[1]).sum(1)
+
+
+def combine_slots_weighted_backward(rows: torch.Tensor, gate: torch.Tensor, token_of_slot: torch.Tensor,
+                                    sorted_pos: torch.Tensor, k: int, grad: torch.Tensor,
+                                    backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of ``combine_slots_weighted`` w.r.t. rows (rows' dtype) and gate (gate's dtype)."""
+    _check_weighted(rows, gate, sorted_pos, k)
+    _check_index("token_of_slot", token_of_slot, rows.shape[0], rows.device)
+    if grad.shape != (rows.shape[0] // k, rows.shape[1]):
+        raise ValueError(f"grad: expected shape {(rows.shape[0] // k, rows.shape[1])}, got {tuple(grad.shape)}")
+    if _use_triton(rows, backend):
+        from kernels.triton_slots import combine_slots_weighted_backward_triton
+        return combine_slots_weighted_backward_triton(rows, gate, sorted_pos, k, grad)
+    g = grad.index_select(0, token_of_slot)                                  # each slot's token's gradient
+    d_gate = (g.float() * rows.float()).sum(-1).to(gate.dtype)
+    return (g * gate[:, None].to(g.dtype)).to(rows.dtype), d_gate
+
+
+__all__ = ["combine_slots_cf", "gather_slots_cf", "combine_slots_weighted", "combine_slots_weighted_backward",
+           "SLOT_BACKENDS"]

@@ -67,3 +67,62 @@ def gather_slots_cf_triton(x: torch.Tensor, sorted_pos: torch.Tensor, k: int) ->
         _launch(_gather_cf_kernel, (b, cdiv(L, _BT), cdiv(C, _BC)), (x, sorted_pos, out, L, C, x.stride(0),
                 x.stride(1)), dict(K=k, BT=_BT, BC=_BC, num_warps=_WARPS))
     return out
+
+
+@triton.jit
+def _combine_w_kernel(rows_ptr, gate_ptr, pos_ptr, out_ptr, N, C, K: tl.constexpr, BT: tl.constexpr,
+                      BC: tl.constexpr):
+    tt = (tl.program_id(0) * BT + tl.arange(0, BT)).to(tl.int64)
+    cc = tl.program_id(1) * BC + tl.arange(0, BC)
+    tm = tt < N
+    m = tm[:, None] & (cc < C)[None, :]
+    acc = tl.zeros((BT, BC), dtype=tl.float32)
+    for j in tl.static_range(K):
+        s = tl.load(pos_ptr + tt * K + j, mask=tm, other=0)
+        g = tl.load(gate_ptr + s, mask=tm, other=0.0).to(tl.float32)
+        acc += g[:, None] * tl.load(rows_ptr + s[:, None] * C + cc[None, :], mask=m, other=0.0).to(tl.float32)
+    tl.store(out_ptr + tt[:, None] * C + cc[None, :], acc.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _combine_w_bwd_kernel(rows_ptr, gate_ptr, pos_ptr, grad_ptr, drows_ptr, dgate_ptr, N, C, K: tl.constexpr,
+                          BT: tl.constexpr, BC: tl.constexpr):
+    # one program: BT tokens, every channel in chunks of BC (each slot's gate gradient is a dot over its whole row)
+    tt = (tl.program_id(0) * BT + tl.arange(0, BT)).to(tl.int64)
+    tm = tt < N
+    for j in tl.static_range(K):
+        s = tl.load(pos_ptr + tt * K + j, mask=tm, other=0)
+        g = tl.load(gate_ptr + s, mask=tm, other=0.0).to(tl.float32)
+        dot = tl.zeros((BT,), dtype=tl.float32)
+        for c0 in range(0, C, BC):
+            cc = c0 + tl.arange(0, BC)
+            m = tm[:, None] & (cc < C)[None, :]
+            gr = tl.load(grad_ptr + tt[:, None] * C + cc[None, :], mask=m, other=0.0).to(tl.float32)
+            rv = tl.load(rows_ptr + s[:, None] * C + cc[None, :], mask=m, other=0.0).to(tl.float32)
+            dot += tl.sum(gr * rv, axis=1)
+            tl.store(drows_ptr + s[:, None] * C + cc[None, :], (g[:, None] * gr).to(drows_ptr.dtype.element_ty),
+                     mask=m)
+        tl.store(dgate_ptr + s, dot.to(dgate_ptr.dtype.element_ty), mask=tm)
+
+
+def combine_slots_weighted_triton(rows: torch.Tensor, gate: torch.Tensor, sorted_pos: torch.Tensor, k: int
+                                  ) -> torch.Tensor:
+    rows, gate = rows.contiguous(), gate.contiguous()
+    S, C = rows.shape
+    out = torch.empty(S // k, C, device=rows.device, dtype=rows.dtype)
+    if out.numel():
+        _launch(_combine_w_kernel, (cdiv(S // k, _BT), cdiv(C, _BC)), (rows, gate, sorted_pos, out, S // k, C),
+                dict(K=k, BT=_BT, BC=_BC, num_warps=_WARPS))
+    return out
+
+
+def combine_slots_weighted_backward_triton(rows: torch.Tensor, gate: torch.Tensor, sorted_pos: torch.Tensor, k: int,
+                                           grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, gate, grad = rows.contiguous(), gate.contiguous(), grad.contiguous()
+    S, C = rows.shape
+    d_rows = torch.empty_like(rows)
+    d_gate = torch.empty_like(gate)
+    if rows.numel():
+        _launch(_combine_w_bwd_kernel, (cdiv(S // k, _BT),), (rows, gate, sorted_pos, grad, d_rows, d_gate, S // k, C),
+                dict(K=k, BT=_BT, BC=_BC, num_warps=_WARPS))
+    return d_rows, d_gate

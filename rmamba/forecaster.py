@@ -56,8 +56,16 @@ class ForecastOutput:
     nll: Tensor                  # -log N(x_t | forecast made at t-1); 0 where not scored (attribution)
     scored: Tensor               # bool: x_t observed and a forecast for it exists
     routing: list[RoutingStats]  # one per layer (empty for the dense backbone)
-    aux_loss: Tensor             # load-balance + z-loss of this call, with the config's coefficients
+    aux_coefs: tuple[float, float]  # the config's (lb_coef, z_coef)
     features: Tensor | None = None  # (batch, L, d_model) the heads' input: the backbone's summary of the past
+
+    @property
+    def aux_loss(self) -> Tensor:
+        """Load-balance + z-loss of this call alone, with the config's coefficients; computed when asked (scoring
+        never does; training pools the routing of a step's calls instead, RoMForecaster.aux_loss)."""
+        if not self.routing:
+            return self.mean.new_zeros((), dtype=torch.float32)
+        return torch.stack([r.aux_loss(*self.aux_coefs) for r in self.routing]).sum()
 
     @property
     def score(self) -> Tensor:
@@ -161,6 +169,10 @@ class RoMForecaster(nn.Module):
         return nll, scored
 
     # -- public API ----------------------------------------------------------------------------------------
+    @property
+    def _aux_coefs(self) -> tuple[float, float]:
+        return self.backbone.cfg.lb_coef, self.backbone.cfg.z_coef
+
     def aux_loss(self, *routings: list[RoutingStats]) -> Tensor:
         """Routing aux loss with each layer's statistics pooled over several calls (e.g. one per equipment
         type in a training step): balance is asked of the union, so experts may specialise by type."""
@@ -182,7 +194,7 @@ class RoMForecaster(nn.Module):
         feat, layers, routing = self.backbone(h, None if state is None else state.layers)
         mean, scale = self._head(feat, equipment_type)                          # (b, L, n)
         nll, scored = self._score(v, m, mean, scale, state)
-        out = ForecastOutput(mean, scale, nll, scored, routing, self.backbone.aux_loss(routing), feat)
+        out = ForecastOutput(mean, scale, nll, scored, routing, self._aux_coefs, feat)
         return out, ForecasterState(equipment_type, layers, mean[:, -1], scale[:, -1])
 
     @torch.no_grad()
@@ -197,4 +209,4 @@ class RoMForecaster(nn.Module):
         mean, scale = self._head(feat[:, None], equipment_type)                 # (b, 1, n)
         nll, scored = self._score(v[:, None], m[:, None], mean, scale, state)
         state.mean, state.scale = mean[:, 0], scale[:, 0]
-        return ForecastOutput(mean, scale, nll, scored, routing, self.backbone.aux_loss(routing), feat[:, None]), state
+        return ForecastOutput(mean, scale, nll, scored, routing, self._aux_coefs, feat[:, None]), state

@@ -14,13 +14,18 @@ each expert multiplies only its own rows (`expert_matmul`, the one place a group
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kernels.slots import combine_slots_cf, gather_slots_cf
+from kernels.slots import (
+    combine_slots_cf,
+    combine_slots_weighted,
+    combine_slots_weighted_backward,
+    gather_slots_cf,
+)
 from rmamba.config import RoMConfig
 from rmamba.mamba import MambaMixer, Mixer, make_ssm
 
@@ -66,14 +71,33 @@ def group_offsets(counts: Tensor, device: torch.device) -> Tensor:
 
 @dataclass
 class RoutingStats:
-    """Routing of one layer over one call (or several, merged). Counts are over token-slots (tokens * K)."""
+    """Routing of one layer over one call (or several, merged). Counts are over token-slots (tokens * K).
+
+    The two sums behind the routing losses (``prob_sum``, ``z_sum``) are computed from the call's router outputs
+    when first asked for: scoring never asks, and training asks once, of the stats pooled over a step's calls."""
 
     tokens_per_expert: Tensor        # (E,) int64, slots routed to each expert; sums to n_tokens * top_k
-    prob_sum: Tensor                 # (E,) fp32, router probabilities summed over tokens (carries grad)
-    z_sum: Tensor                    # () fp32, sum over tokens of logsumexp(logits)^2 (carries grad)
     n_tokens: int
     top_k: int
     top_experts: Tensor | None = None  # (batch, L, K) int64 experts chosen per token; None once merged
+    probs: Tensor | None = field(default=None, repr=False)    # (N, E) fp32 router probabilities of one call
+    logits: Tensor | None = field(default=None, repr=False)   # (N, E) fp32 router logits of one call
+    sums: tuple[Tensor, Tensor] | None = field(default=None, repr=False)  # (prob_sum, z_sum), computed or pooled
+
+    def _sums(self) -> tuple[Tensor, Tensor]:
+        if self.sums is None:
+            self.sums = (self.probs.sum(0), torch.logsumexp(self.logits, dim=-1).pow(2).sum())
+        return self.sums
+
+    @property
+    def prob_sum(self) -> Tensor:
+        """(E,) fp32, router probabilities summed over tokens (carries grad)."""
+        return self._sums()[0]
+
+    @property
+    def z_sum(self) -> Tensor:
+        """() fp32, sum over tokens of logsumexp(logits)^2 (carries grad)."""
+        return self._sums()[1]
 
     @property
     def num_experts(self) -> int:
@@ -89,27 +113,30 @@ class RoutingStats:
         """(E,) share of routed slots per expert (sums to 1)."""
         return self.tokens_per_expert.float() / max(self.n_tokens * self.top_k, 1)
 
-    def load_balance_loss(self) -> Tensor:
-        """Switch load balancing E * sum_i f_i P_i (1 when balanced; f_i carries no gradient, P_i does)."""
-        P = self.prob_sum / max(self.n_tokens, 1)
-        return self.num_experts * (self.usage.to(P.device) * P).sum()
+    def load_balance_loss(self, coef: float = 1.0) -> Tensor:
+        """Switch load balancing E * sum_i f_i P_i (1 when balanced; f_i carries no gradient, P_i does), times
+        ``coef``: with f = counts / slots and P = prob_sum / tokens, one dot product and one scale."""
+        scale = coef * self.num_experts / (max(self.n_tokens, 1) * max(self.n_tokens * self.top_k, 1))
+        return torch.dot(self.tokens_per_expert.to(self.prob_sum), self.prob_sum) * scale
 
-    def z_loss(self) -> Tensor:
-        """Router z-loss: mean over tokens of logsumexp(logits)^2."""
-        return self.z_sum / max(self.n_tokens, 1)
+    def z_loss(self, coef: float = 1.0) -> Tensor:
+        """Router z-loss: mean over tokens of logsumexp(logits)^2, times ``coef``."""
+        return self.z_sum * (coef / max(self.n_tokens, 1))
 
     def aux_loss(self, lb_coef: float, z_coef: float) -> Tensor:
-        return lb_coef * self.load_balance_loss() + z_coef * self.z_loss()
+        return self.load_balance_loss(lb_coef) + self.z_loss(z_coef)
 
 
 def merge_routing_stats(stats: Sequence[RoutingStats]) -> RoutingStats:
     """Pool the stats of one layer over several calls (e.g. one batch per equipment type), so the load
     balance is asked of the union and not of each call (that would forbid per-type specialisation)."""
+    if len(stats) == 1:
+        s = stats[0]
+        return RoutingStats(s.tokens_per_expert, s.n_tokens, s.top_k, sums=s._sums())
     return RoutingStats(
         tokens_per_expert=torch.stack([s.tokens_per_expert for s in stats]).sum(0),
-        prob_sum=torch.stack([s.prob_sum for s in stats]).sum(0),
-        z_sum=torch.stack([s.z_sum for s in stats]).sum(),
-        n_tokens=sum(s.n_tokens for s in stats), top_k=stats[0].top_k, top_experts=None)
+        n_tokens=sum(s.n_tokens for s in stats), top_k=stats[0].top_k, top_experts=None,
+        sums=(torch.stack([s.prob_sum for s in stats]).sum(0), torch.stack([s.z_sum for s in stats]).sum()))
 
 
 @dataclass
@@ -194,6 +221,25 @@ class _GatherSlotsCF(torch.autograd.Function):
         return _CombineSlotsCF.apply(g, token_of_slot, sorted_pos, ctx.k, ctx.shape), None, None, None
 
 
+class _GatedCombineSlots(torch.autograd.Function):
+    """x_sorted (N*K, C), gate (N*K,) -> (N, C): row t is the gate-weighted sum of its K slots' rows (the routed
+    out-projection's last step). One pass each way (kernels.slots), where a product, a cast and a combine, and their
+    backward, are six torch ops and three autograd nodes."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, gate: Tensor, token_of_slot: Tensor, sorted_pos: Tensor, k: int) -> Tensor:
+        ctx.save_for_backward(x, gate, token_of_slot, sorted_pos)
+        ctx.k = k
+        return combine_slots_weighted(x, gate, sorted_pos, k)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: Tensor):
+        x, gate, token_of_slot, sorted_pos = ctx.saved_tensors
+        dx, dgate = combine_slots_weighted_backward(x, gate, token_of_slot, sorted_pos, ctx.k, g.contiguous())
+        return dx, dgate, None, None, None
+
+
 class RoMMixer(Mixer):
     """Routed Mamba-1 mixer. Experts: w_in (E, 2*d_inner, d_model) = [W_x; W_z] per expert and
     w_out (E, d_model, d_inner) = W_o (nn.Linear layout: (out, in)). Router: Linear(d_model, E, bias=False)."""
@@ -240,10 +286,10 @@ class RoMMixer(Mixer):
         """h (batch, L, d_model) -> xz (batch, 2*d_inner, L) summed over each token's K experts, channel-first."""
         b, L, _ = h.shape
         h = h.reshape(b * L, -1)
-        d = self.route(h)
         grouped = grouped_mm_available(h, self.w_in)
         if grouped:
-            h = h.to(torch.bfloat16)  # the grouped matmul reads bf16: gather half the bytes
+            h = h.to(torch.bfloat16)  # the grouped matmul reads bf16: gather half the bytes (and autocast's router
+        d = self.route(h)             # matmul would cast h to bf16 anyway: one cast serves both)
         xs = _GatherSlots.apply(h, d.token_of_slot, d.sorted_pos, self.top_k)
         if grouped:
             d.offs = group_offsets(d.counts, h.device)
@@ -260,17 +306,12 @@ class RoMMixer(Mixer):
             y = y.to(torch.bfloat16)
         o = expert_matmul(_GatherSlotsCF.apply(y, d.token_of_slot, d.sorted_pos, self.top_k), self.w_out, d.counts,
                           grouped, d.offs if grouped else None)
-        o = o * d.gate_of_slot[:, None].to(o.dtype)  # (N*K, d_model)
-        return _CombineSlots.apply(o, d.token_of_slot, d.sorted_pos, self.top_k).view(b, L, -1)
+        return _GatedCombineSlots.apply(o, d.gate_of_slot, d.token_of_slot, d.sorted_pos, self.top_k).view(b, L, -1)
 
     def routing_stats(self, d: _Dispatch, shape: tuple[int, int]) -> RoutingStats:
-        n = d.probs.shape[0]
-        return RoutingStats(
-            tokens_per_expert=d.counts,
-            prob_sum=d.probs.sum(0),
-            z_sum=torch.logsumexp(d.logits, dim=-1).pow(2).sum(),
-            n_tokens=n, top_k=self.top_k,
-            top_experts=d.top_experts.detach().view(*shape, self.top_k))
+        return RoutingStats(tokens_per_expert=d.counts, n_tokens=d.probs.shape[0], top_k=self.top_k,
+                            top_experts=d.top_experts.detach().view(*shape, self.top_k), probs=d.probs,
+                            logits=d.logits)
 
 
 __all__ = ["RoMMixer", "RoutingStats", "expert_matmul", "grouped_mm_available", "merge_routing_stats"]

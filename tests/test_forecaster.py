@@ -123,6 +123,17 @@ def test_nll_scores_observed_targets_against_the_previous_forecast():
     assert m.heads["pump"].weight.grad.abs().sum() > 0 and m.heads["compressor"].weight.grad is None
 
 
+def test_a_calls_aux_loss_is_the_pooled_loss_of_that_call_alone():
+    """ForecastOutput.aux_loss is computed when asked, from the call's routing: the same number as the
+    forecaster's pooled aux loss given that one call, and it carries gradient to the router."""
+    m = make()
+    out, _ = m(*with_gaps(2, 9, 3, seed=8), "pump")
+    torch.testing.assert_close(out.aux_loss, m.aux_loss(out.routing))
+    assert out.aux_loss > 0
+    out.aux_loss.backward()
+    assert m.backbone.layers[0].mixer.router.weight.grad.abs().sum() > 0
+
+
 def test_dense_backbone_has_no_routing():
     m = make(num_experts=0)
     out, _ = m(*with_gaps(1, 6, 3, seed=5), "pump")

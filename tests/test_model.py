@@ -218,7 +218,8 @@ def test_aux_losses():
     torch.testing.assert_close(st.load_balance_loss(), torch.tensor(1.0))
     torch.testing.assert_close(st.z_loss(), torch.tensor(math.log(4) ** 2))
     # collapsed routing (all slots and all probability on one expert) -> E
-    collapsed = RoutingStats(torch.tensor([10, 0, 0, 0]), torch.tensor([10.0, 0, 0, 0]), torch.tensor(0.0), 10, 1)
+    collapsed = RoutingStats(torch.tensor([10, 0, 0, 0]), 10, 1,
+                             sums=(torch.tensor([10.0, 0, 0, 0]), torch.tensor(0.0)))
     torch.testing.assert_close(collapsed.load_balance_loss(), torch.tensor(4.0))
     merged = merge_routing_stats([st, collapsed])
     assert merged.n_tokens == 28 and merged.tokens_per_expert.tolist()[0] == int(st.tokens_per_expert[0]) + 10

@@ -15,7 +15,12 @@ triton = pytest.importorskip("triton")
 torch = pytest.importorskip("torch")
 
 import rmamba.rom as rom_mod  # noqa: E402
-from kernels.slots import combine_slots_cf, gather_slots_cf  # noqa: E402
+from kernels.slots import (  # noqa: E402
+    combine_slots_cf,
+    combine_slots_weighted,
+    combine_slots_weighted_backward,
+    gather_slots_cf,
+)
 from rmamba import RoMConfig, RoMMixer  # noqa: E402
 
 
@@ -81,6 +86,45 @@ def test_channel_first_slot_functions_are_adjoint_gathers(k, backend, monkeypatc
         lambda a: rom_mod._GatherSlotsCF.apply(a, d.token_of_slot, d.sorted_pos, k), (y.requires_grad_(),))
 
 
+@pytest.mark.parametrize("n,k", [(67, 1), (45, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gated_combine_kernels_match_the_torch_path(n, k, dtype):
+    """The out-projection's gated sum over slots and its two gradients: Triton (interpreter; C = 150 spans three
+    channel chunks of the backward's loop, the last one partial) against the torch path."""
+    d = dispatch(1, n, k, seed=n + k)
+    rows = torch.randn(n * k, 150).to(dtype)
+    gate = torch.rand(n * k)
+    out_ref = combine_slots_weighted(rows, gate, d.sorted_pos, k, backend="torch")
+    out = combine_slots_weighted(rows, gate, d.sorted_pos, k, backend="triton")
+    assert out.shape == (n, 150) and out.dtype == dtype
+    tol = 1e-6 if dtype == torch.float32 else 2e-2          # the kernel sums in fp32, torch in the rows' dtype
+    torch.testing.assert_close(out, out_ref, atol=tol, rtol=tol)
+    grad = torch.randn(n, 150).to(dtype)
+    ref = combine_slots_weighted_backward(rows, gate, d.token_of_slot, d.sorted_pos, k, grad, backend="torch")
+    got = combine_slots_weighted_backward(rows, gate, d.token_of_slot, d.sorted_pos, k, grad, backend="triton")
+    for a, b in zip(got, ref):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(a, b, atol=tol * 10, rtol=tol)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gated_combine_differentiates_as_the_product_and_sum_it_replaces(k, backend, monkeypatch):
+    n = 9
+    d = dispatch(1, n, k, seed=3 + k)
+    x = torch.randn(n * k, 5, dtype=torch.float64, requires_grad=True)
+    gate = torch.rand(n * k, dtype=torch.float64, requires_grad=True)
+    monkeypatch.setattr(rom_mod, "combine_slots_weighted", lambda *a: combine_slots_weighted(*a, backend=backend))
+    monkeypatch.setattr(rom_mod, "combine_slots_weighted_backward",
+                        lambda *a: combine_slots_weighted_backward(*a, backend=backend))
+    fn = lambda a, g: rom_mod._GatedCombineSlots.apply(a, g, d.token_of_slot, d.sorted_pos, k)  # noqa: E731
+    ref = (x * gate[:, None]).new_zeros(n, 5).index_add_(0, d.token_of_slot, x * gate[:, None])
+    # the kernel computes in fp32 (exactly so under the interpreter too): fp32-sized steps and tolerances there
+    tol = dict(eps=1e-6, atol=1e-5, rtol=1e-3) if backend == "torch" else dict(eps=1e-3, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(fn(x, gate), ref, atol=tol["atol"], rtol=tol["rtol"])
+    assert torch.autograd.gradcheck(fn, (x, gate), **tol)
+
+
 def test_slot_moves_name_what_is_wrong():
     d = dispatch(1, 4, 1, seed=0)
     with pytest.raises(ValueError, match=r"rows: expected shape \(4, C\)"):
@@ -93,3 +137,8 @@ def test_slot_moves_name_what_is_wrong():
         gather_slots_cf(torch.randn(1, 3, 4), d.token_of_slot, d.sorted_pos, 2)
     with pytest.raises(ValueError, match="backend: expected one of"):
         gather_slots_cf(torch.randn(1, 3, 4), d.token_of_slot, d.sorted_pos, 1, backend="cuda")
+    with pytest.raises(ValueError, match=r"gate: expected shape \(4,\)"):
+        combine_slots_weighted(torch.randn(4, 3), torch.rand(3), d.sorted_pos, 1)
+    with pytest.raises(ValueError, match=r"grad: expected shape \(4, 3\)"):
+        combine_slots_weighted_backward(torch.randn(4, 3), torch.rand(4), d.token_of_slot, d.sorted_pos, 1,
+                                        torch.randn(4, 2))
