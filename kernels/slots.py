@@ -60,7 +60,7 @@ def combine_slots_cf(rows: torch.Tensor, sorted_pos: torch.Tensor, k: int, batch
         raise ValueError(f"rows: expected shape ({batch * L * k}, C) for batch {batch} x L {L} x k {k}, "
                          f"got {tuple(rows.shape)}")
     _check_index("sorted_pos", sorted_pos, rows.shape[0], rows.device)
-    if _use_triton(rows, backend):
+    if _use_triton(rows, backend) and L > 1:    # L = 1 (a streaming step): both layouts are one; index_select it is
         from kernels.triton_slots import combine_slots_cf_triton
         return combine_slots_cf_triton(rows, sorted_pos, k, batch, L)
     out = rows.index_select(0, sorted_pos)
@@ -77,7 +77,7 @@ def gather_slots_cf(x: torch.Tensor, token_of_slot: torch.Tensor, sorted_pos: to
     b, c, L = x.shape
     _check_index("token_of_slot", token_of_slot, b * L * k, x.device)
     _check_index("sorted_pos", sorted_pos, b * L * k, x.device)
-    if _use_triton(x, backend):
+    if _use_triton(x, backend) and L > 1:
         from kernels.triton_slots import gather_slots_cf_triton
         return gather_slots_cf_triton(x, sorted_pos, k)
     return x.transpose(1, 2).reshape(b * L, c).index_select(0, token_of_slot)

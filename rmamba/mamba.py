@@ -107,6 +107,11 @@ class SelectiveSSM(nn.Module):
         dt = torch.bmm(self.dt_proj.weight.expand(b, -1, -1), dt_low)       # (b, d_inner, L)
         return dt, B, C  # bias + softplus happen inside the kernel (fp32)
 
+    def _step_params(self, xc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """One step, xc (b, d_inner) -> dt (b, d_inner), B, C (b, d_state): token-major rows, one GEMM each."""
+        dt_low, B, C = self.x_proj(xc).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        return F.linear(dt_low, self.dt_proj.weight), B, C
+
     def forward(self, x: Tensor, z: Tensor, state: LayerState | None = None) -> tuple[Tensor, LayerState]:
         """x, z: (batch, d_inner, L) -> y (batch, d_inner, L), new state (the given one is not modified)."""
         b = x.shape[0]
@@ -138,7 +143,7 @@ class SelectiveSSM(nn.Module):
             xc = xc + self.conv1d.bias
         xc = F.silu(xc).to(x.dtype)
         state.conv.copy_(window[:, :, 1:])
-        dt, B, C = (t[..., 0] for t in self._ssm_params(xc[:, :, None]))    # one step: L = 1
+        dt, B, C = self._step_params(xc)
         A = -torch.exp(self.A_log.float())
         return kernels.selective_state_update(state.ssm, xc, dt, A, B, C, D=self.D.float(), z=z,
                                               dt_bias=self.dt_proj.bias.float(), dt_softplus=True,
@@ -208,9 +213,13 @@ class MambaMixer(Mixer):
     def project_in(self, h: Tensor) -> tuple[Tensor, None]:
         """One GEMM W_in @ h^T over all tokens, whose (2*d_inner, batch * L) result is already channel-first."""
         b, L, _ = h.shape
+        if L == 1:   # one step (streaming): token-major rows are time-contiguous too, and stay contiguous per row
+            return F.linear(h, self.in_proj.weight).transpose(1, 2), None
         return torch.mm(self.in_proj.weight, h.reshape(b * L, -1).t()).view(-1, b, L).transpose(0, 1), None
 
     def project_out(self, y: Tensor, routing: None) -> Tensor:
+        if y.shape[-1] == 1:    # one step: no layout to change
+            return F.linear(y.transpose(1, 2), self.out_proj.weight)
         return _ProjectOutChannelFirst.apply(y, self.out_proj.weight)
 
 
