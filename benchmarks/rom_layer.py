@@ -5,8 +5,8 @@ d_state 16), on our scan kernels (Triton on CUDA), under bf16 autocast on CUDA (
 with K=1 touches one expert's W_x, W_z, W_o per token, as many weights as the dense layer, plus the router: the
 target (issue 5) is RoM (E=8, K=1) forward + backward within 1.3x the dense layer's time. Further rows show that
 the time follows K and not E (E = 1, 8, 32 at K=1; K = 2 at E=8), and what the GPU path (grouped matmul, Triton slot
-moves) buys over the plain torch path (a loop over the experts, slot moves by index_select and copies). Every RoM row
-is first checked against that torch path on the same weights and inputs.
+moves, the fused conv) buys over the plain torch path (a loop over the experts, slot moves by index_select and
+copies, torch's conv1d). Every RoM row is first checked against that torch path on the same weights and inputs.
 
     python benchmarks/rom_layer.py --device cuda --out rom-layer.json    # on the GPU machine
     python benchmarks/rom_layer.py --render rom-layer.json              # here: write BENCHMARKS.md
@@ -32,6 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _markdown import write_section  # noqa: E402  (sibling module; benchmarks run as scripts)
 
+import kernels  # noqa: E402
+import kernels.conv as conv  # noqa: E402
 import kernels.slots as slots  # noqa: E402
 import rmamba.rom as rom  # noqa: E402
 from rmamba.blocks import Block  # noqa: E402
@@ -101,9 +103,12 @@ def count_syncs(fn, device: torch.device) -> int | None:
 
 @contextmanager
 def torch_path():
-    """The routed projections on plain torch ops: a loop over the experts (F.linear) and the slot moves of
-    kernels.slots by index_select and copies (the reference the GPU path is checked against)."""
+    """The layer on plain torch ops where it has a GPU kernel of its own besides the scan: the routed projections
+    as a loop over the experts (F.linear), the slot moves of kernels.slots by index_select and copies, the conv +
+    SiLU by torch's conv1d (the reference the GPU path is checked against)."""
     with mock.patch.object(rom, "grouped_mm_available", lambda *a: False), \
+            mock.patch.object(kernels, "causal_conv1d_silu", functools.partial(conv.causal_conv1d_silu,
+                                                                              backend="torch")), \
             mock.patch.object(rom, "combine_slots_cf", functools.partial(slots.combine_slots_cf, backend="torch")), \
             mock.patch.object(rom, "gather_slots_cf", functools.partial(slots.gather_slots_cf, backend="torch")):
         yield
@@ -208,7 +213,7 @@ def render(res: dict) -> str:
         f"{res['length']}; {res['dtype']}; forward + backward (loss = weighted sum of the output + routing "
         f"auxiliary losses). {_timing_text(res)} "
         "Every RoM row with the grouped path was first checked against the torch path (a loop over the experts, slot "
-        "moves by index_select; same weights and inputs).",
+        "moves by index_select, torch's conv1d; same weights and inputs).",
         "",
         "| layer | total params | fwd+bwd ms | vs dense | host ms | device syncs | routed projections "
         "| vs torch path: max rel. diff |",

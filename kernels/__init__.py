@@ -1,4 +1,5 @@
-"""Scan operators behind one dispatching entry point (imports torch, and triton only when present).
+"""Scan operators behind one dispatching entry point (imports torch, and triton only when present); the mixer's
+fused causal conv1d + SiLU (kernels.conv) and RoM's slot moves (kernels.slots) beside them.
 
 Backends: ``reference`` (sequential fp32 loop, the oracle), ``cpu`` (vectorised, chunked; exact),
 ``triton`` (GPU; also runs on CPU tensors under TRITON_INTERPRET=1). Selection: the ``backend=``
@@ -14,6 +15,7 @@ import os
 import torch
 
 from kernels._validate import check_scan_args
+from kernels.conv import causal_conv1d_silu, conv_window
 from kernels.reference import selective_scan_reference
 from kernels.step import selective_state_update
 
@@ -63,4 +65,4 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 
 
 __all__ = ["selective_scan", "selective_state_update", "selective_scan_reference", "resolve_backend",
-           "triton_available", "BACKENDS"]
+           "triton_available", "causal_conv1d_silu", "conv_window", "BACKENDS"]

@@ -114,14 +114,12 @@ class SelectiveSSM(nn.Module):
 
     def forward(self, x: Tensor, z: Tensor, state: LayerState | None = None) -> tuple[Tensor, LayerState]:
         """x, z: (batch, d_inner, L) -> y (batch, d_inner, L), new state (the given one is not modified)."""
-        b = x.shape[0]
-        if state is None:
-            xpad = F.pad(x, (self.d_conv - 1, 0))
-        else:
-            self._check_state(state, b)
-            xpad = torch.cat([state.conv.to(x.dtype), x], dim=-1)  # (b, d_inner, d_conv-1+L)
-        new_conv = xpad[:, :, xpad.shape[-1] - (self.d_conv - 1):]
-        xc = F.silu(self.conv1d(xpad))  # (b, d_inner, L)
+        if state is not None:
+            self._check_state(state, x.shape[0])
+        window = None if state is None else state.conv                 # the last d_conv-1 inputs before x
+        # conv1d + SiLU in one pass on a GPU (kernels.conv; torch's conv1d on the CPU), (b, d_inner, L)
+        xc = kernels.causal_conv1d_silu(x, self.conv1d.weight[:, 0, :], self.conv1d.bias, window)
+        new_conv = kernels.conv_window(x, window, self.d_conv - 1)
         dt, B, C = self._ssm_params(xc)  # (b, d_inner, L), (b, d_state, L) x2
         A = -torch.exp(self.A_log.float())  # (d_inner, d_state)
         y, ssm = kernels.selective_scan(
