@@ -48,7 +48,7 @@ class SelectiveSSM(nn.Module):
     """The part of a mixer shared by all experts: conv1d -> SiLU -> x_proj -> dt_proj -> scan, gated by z.
 
     Channel-first, the scan's layout: input x, z (batch, d_inner, L), any strides, the fastest with time contiguous
-    (z is then read in place; x is copied once, into its padded conv input); output y (batch, d_inner, L)
+    (on a GPU both are then read in place, x by the conv kernel and z by the scan); output y (batch, d_inner, L)
     = scan(x) * SiLU(z), contiguous.
     """
 
