@@ -1,7 +1,7 @@
 """The mixer's depthwise causal conv1d fused with its SiLU: y = silu(bias + sum_k weight[:, k] * xpad[t + k]).
 
     causal_conv1d_silu(x (batch, C, L), weight (C, W), bias (C,) or None, initial (batch, C, W-1) or None)
-        -> y (batch, C, L), contiguous, x's dtype
+        -> y (batch, C, L), contiguous, x's dtype (the torch path under autocast: autocast's dtype)
 
 xpad is x with the carried window ``initial`` (the last W-1 inputs of the previous chunk; zeros when None) in front,
 so a sequence scored in chunks gets the same outputs as in one piece. x may have any strides (the Triton path reads

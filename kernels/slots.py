@@ -18,8 +18,9 @@ and, token-major on both sides, the routed out-projection's gated sum over a tok
 
 (N = batch * L tokens; sorted_pos is the inverse of the slot order, token_of_slot the token of each sorted slot.)
 CUDA tensors run the Triton kernels of kernels.triton_slots (CPU tensors too with backend="triton" under
-TRITON_INTERPRET=1, which is how the tests run them); anything else runs torch ops. Both give the same values
-(K > 1 sums in fp32 in the kernel, in the rows' dtype in torch).
+TRITON_INTERPRET=1, which is how the tests run them); anything else runs torch ops. The moves give the same values
+on both paths for K = 1; sums (K > 1) and the gate products are computed in fp32 by the kernels and in the rows'
+dtype by torch (bf16 rows: differences of bf16 rounding).
 """
 
 from __future__ import annotations

@@ -3,7 +3,9 @@
 A program owns BC channels x BT time steps of one batch row; x is read along time (contiguous), each of the W taps
 a shifted load of the same rows (cache hits after the first). The backward recomputes the pre-activation at the W
 shifts each output's gradient needs (dx[t] = sum_k w[k] * dpre[t + W-1-k]), so it reads x and dy once from memory
-and writes dx once; the weight and bias gradients are per-program partial sums added with atomics (fp32).
+and writes dx once; the weight and bias gradients are per-program partial sums added with atomics (fp32: their
+rounding depends on the order the programs run in, so they vary in the last bits from run to run, unlike the
+torch path's). Time tiles sit on grid axis 0 (axes 1 and 2 are capped at 65535).
 The carried window's gradient (chunks trained through, rare) is left to the torch path's autograd.
 """
 
@@ -41,9 +43,9 @@ def _pre(x_row, i_row, w_ptr, cc, cm, bias, u, L, W: tl.constexpr, HAS_INIT: tl.
 @triton.jit
 def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, i_ptr, y_ptr, C, L, s_xb, s_xc, W: tl.constexpr, HAS_BIAS: tl.constexpr,
                      HAS_INIT: tl.constexpr, BC: tl.constexpr, BT: tl.constexpr):
-    pb = tl.program_id(0).to(tl.int64)
-    cc = tl.program_id(1) * BC + tl.arange(0, BC)
-    tt = tl.program_id(2) * BT + tl.arange(0, BT)
+    pb = tl.program_id(1).to(tl.int64)
+    cc = tl.program_id(2) * BC + tl.arange(0, BC)
+    tt = tl.program_id(0) * BT + tl.arange(0, BT)
     cm = cc < C
     x_row = x_ptr + pb * s_xb + cc.to(tl.int64)[:, None] * s_xc
     i_row = i_ptr + (pb * C + cc.to(tl.int64)[:, None]) * (W - 1)
@@ -60,9 +62,9 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, i_ptr, y_ptr, C, L, s_xb, s_xc, W: tl.
 def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, i_ptr, dy_ptr, dx_ptr, dw_ptr, db_ptr, C, L, s_xb, s_xc,
                      W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, BC: tl.constexpr,
                      BT: tl.constexpr):
-    pb = tl.program_id(0).to(tl.int64)
-    cc = tl.program_id(1) * BC + tl.arange(0, BC)
-    tt = tl.program_id(2) * BT + tl.arange(0, BT)
+    pb = tl.program_id(1).to(tl.int64)
+    cc = tl.program_id(2) * BC + tl.arange(0, BC)
+    tt = tl.program_id(0) * BT + tl.arange(0, BT)
     cm = cc < C
     x_row = x_ptr + pb * s_xb + cc.to(tl.int64)[:, None] * s_xc
     i_row = i_ptr + (pb * C + cc.to(tl.int64)[:, None]) * (W - 1)
@@ -95,11 +97,12 @@ class CausalConvSiLU(torch.autograd.Function):
     def forward(ctx, x, weight, bias, initial):
         xs = x if x.stride(-1) == 1 else x.contiguous()
         w = weight.contiguous()
+        bias = bias.contiguous() if bias is not None else None
         init = initial.contiguous() if initial is not None else None
         b, C, L = xs.shape
         y = torch.empty(b, C, L, device=x.device, dtype=x.dtype)
         if y.numel():
-            _launch(_conv_fwd_kernel, (b, cdiv(C, _BC), cdiv(L, _BT)),
+            _launch(_conv_fwd_kernel, (cdiv(L, _BT), b, cdiv(C, _BC)),
                     (xs, w, bias if bias is not None else w, init if init is not None else xs, y, C, L,
                      xs.stride(0), xs.stride(1)),
                     dict(W=w.shape[1], HAS_BIAS=bias is not None, HAS_INIT=init is not None, BC=_BC, BT=_BT,
@@ -127,7 +130,7 @@ class CausalConvSiLU(torch.autograd.Function):
         dw = torch.zeros(C, W, device=xs.device, dtype=torch.float32)
         db = torch.zeros(C, device=xs.device, dtype=torch.float32) if bias is not None else dw
         if dx.numel():
-            _launch(_conv_bwd_kernel, (b, cdiv(C, _BC), cdiv(L, _BT)),
+            _launch(_conv_bwd_kernel, (cdiv(L, _BT), b, cdiv(C, _BC)),
                     (xs, w, bias if bias is not None else w, init if init is not None else xs, dy, dx, dw, db, C, L,
                      xs.stride(0), xs.stride(1)),
                     dict(W=W, HAS_BIAS=bias is not None, HAS_INIT=init is not None, BC=_BC, BT=_BT,

@@ -1304,7 +1304,8 @@ def _seg_len(L: int, n_seg: int, ck: int) -> tuple[int, int]:
 
 def _n_contig(x: torch.Tensor) -> torch.Tensor:
     """B / C (batch, d_state, L) as a view whose d_state axis is contiguous (memory (batch, L, d_state)): each time
-    step's d_state values are one vectorised load. Free when B, C come as transposed views of x_proj output."""
+    step's d_state values are one vectorised load. Free when B, C come as transposed views of token-major x_proj
+    output; the model's batched x_proj gives them time-contiguous, so one small copy each (d_state values per step)."""
     if x.stride(1) == 1:
         return x
     b, n, L = x.shape

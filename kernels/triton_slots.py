@@ -14,13 +14,13 @@ import triton.language as tl
 from kernels._host import cdiv
 from kernels.triton_scan import _launch  # Triton's launcher costs tens of us of host time per call; see there
 
-_BT, _BC, _WARPS = 64, 64, 4     # tokens x channels per program
+_BT, _BC, _WARPS = 64, 64, 4     # tokens x channels per program; time tiles on grid axis 0 (the others cap at 65535)
 
 
 @triton.jit
 def _combine_cf_kernel(rows_ptr, pos_ptr, out_ptr, L, C, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
-    bi = tl.program_id(0).to(tl.int64)
-    ll = tl.program_id(1) * BT + tl.arange(0, BT)
+    bi = tl.program_id(1).to(tl.int64)
+    ll = tl.program_id(0) * BT + tl.arange(0, BT)
     cc = (tl.program_id(2) * BC + tl.arange(0, BC)).to(tl.int64)
     lm, cm = ll < L, cc < C
     tok = bi * L + ll
@@ -35,8 +35,8 @@ def _combine_cf_kernel(rows_ptr, pos_ptr, out_ptr, L, C, K: tl.constexpr, BT: tl
 @triton.jit
 def _gather_cf_kernel(x_ptr, pos_ptr, out_ptr, L, C, s_xb, s_xc, K: tl.constexpr, BT: tl.constexpr,
                       BC: tl.constexpr):
-    bi = tl.program_id(0).to(tl.int64)
-    ll = tl.program_id(1) * BT + tl.arange(0, BT)
+    bi = tl.program_id(1).to(tl.int64)
+    ll = tl.program_id(0) * BT + tl.arange(0, BT)
     cc = (tl.program_id(2) * BC + tl.arange(0, BC)).to(tl.int64)
     lm, cm = ll < L, cc < C
     v = tl.load(x_ptr + bi * s_xb + cc[:, None] * s_xc + ll[None, :], mask=cm[:, None] & lm[None, :], other=0.0)
@@ -49,11 +49,11 @@ def _gather_cf_kernel(x_ptr, pos_ptr, out_ptr, L, C, s_xb, s_xc, K: tl.constexpr
 
 def combine_slots_cf_triton(rows: torch.Tensor, sorted_pos: torch.Tensor, k: int, batch: int, L: int
                             ) -> torch.Tensor:
-    rows = rows.contiguous()
+    rows, sorted_pos = rows.contiguous(), sorted_pos.contiguous()
     C = rows.shape[1]
     out = torch.empty(batch, C, L, device=rows.device, dtype=rows.dtype)
     if out.numel():
-        _launch(_combine_cf_kernel, (batch, cdiv(L, _BT), cdiv(C, _BC)), (rows, sorted_pos, out, L, C),
+        _launch(_combine_cf_kernel, (cdiv(L, _BT), batch, cdiv(C, _BC)), (rows, sorted_pos, out, L, C),
                 dict(K=k, BT=_BT, BC=_BC, num_warps=_WARPS))
     return out
 
@@ -61,10 +61,11 @@ def combine_slots_cf_triton(rows: torch.Tensor, sorted_pos: torch.Tensor, k: int
 def gather_slots_cf_triton(x: torch.Tensor, sorted_pos: torch.Tensor, k: int) -> torch.Tensor:
     if x.stride(2) != 1:
         x = x.contiguous()
+    sorted_pos = sorted_pos.contiguous()
     b, C, L = x.shape
     out = torch.empty(b * L * k, C, device=x.device, dtype=x.dtype)
     if out.numel():
-        _launch(_gather_cf_kernel, (b, cdiv(L, _BT), cdiv(C, _BC)), (x, sorted_pos, out, L, C, x.stride(0),
+        _launch(_gather_cf_kernel, (cdiv(L, _BT), b, cdiv(C, _BC)), (x, sorted_pos, out, L, C, x.stride(0),
                 x.stride(1)), dict(K=k, BT=_BT, BC=_BC, num_warps=_WARPS))
     return out
 
@@ -107,7 +108,7 @@ def _combine_w_bwd_kernel(rows_ptr, gate_ptr, pos_ptr, grad_ptr, drows_ptr, dgat
 
 def combine_slots_weighted_triton(rows: torch.Tensor, gate: torch.Tensor, sorted_pos: torch.Tensor, k: int
                                   ) -> torch.Tensor:
-    rows, gate = rows.contiguous(), gate.contiguous()
+    rows, gate, sorted_pos = rows.contiguous(), gate.contiguous(), sorted_pos.contiguous()
     S, C = rows.shape
     out = torch.empty(S // k, C, device=rows.device, dtype=rows.dtype)
     if out.numel():
@@ -118,7 +119,7 @@ def combine_slots_weighted_triton(rows: torch.Tensor, gate: torch.Tensor, sorted
 
 def combine_slots_weighted_backward_triton(rows: torch.Tensor, gate: torch.Tensor, sorted_pos: torch.Tensor, k: int,
                                            grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    rows, gate, grad = rows.contiguous(), gate.contiguous(), grad.contiguous()
+    rows, gate, grad, sorted_pos = rows.contiguous(), gate.contiguous(), grad.contiguous(), sorted_pos.contiguous()
     S, C = rows.shape
     d_rows = torch.empty_like(rows)
     d_gate = torch.empty_like(gate)

@@ -96,7 +96,8 @@ class SelectiveSSM(nn.Module):
 
     def _ssm_params(self, xc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """xc (b, d_inner, L), time contiguous -> dt (b, d_inner, L) before bias / softplus, B (b, d_state, L),
-        C (b, d_state, L): the scan's layout, so nothing is transposed on the way in or, for the gradients, out.
+        C (b, d_state, L): xc and dt (and their gradients) stay in the scan's layout; B and C come out time-contiguous,
+        and the Triton scan copies them once to d_state-contiguous (small: d_state values per token).
 
         Both projections are batched matmuls over the batch rows (weights broadcast, not copied per row); as
         nn.Linear on (b, L, d_inner) they would copy xc, dt and both gradients through a transpose (~4 passes over
@@ -211,7 +212,7 @@ class MambaMixer(Mixer):
     def project_in(self, h: Tensor) -> tuple[Tensor, None]:
         """One GEMM W_in @ h^T over all tokens, whose (2*d_inner, batch * L) result is already channel-first."""
         b, L, _ = h.shape
-        if L == 1:   # one step (streaming): token-major rows are time-contiguous too, and stay contiguous per row
+        if L == 1:   # one step (streaming): token-major rows, the layout Mixer.step and SelectiveSSM.step read
             return F.linear(h, self.in_proj.weight).transpose(1, 2), None
         return torch.mm(self.in_proj.weight, h.reshape(b * L, -1).t()).view(-1, b, L).transpose(0, 1), None
 
@@ -224,8 +225,9 @@ class MambaMixer(Mixer):
 class _ProjectOutChannelFirst(torch.autograd.Function):
     """y (batch, d_inner, L) -> y^T W^T (batch, L, d_model): one GEMM over all tokens on y laid out (d_inner, tokens)
     (a copy that keeps time contiguous, not a transpose), and a backward that hands the scan its gradient
-    channel-first (as nn.Linear on y^T would not: the scan would transpose it again). Runs under the autocast
-    state of the call (bf16 GEMMs under autocast, as nn.Linear would)."""
+    channel-first (as nn.Linear on y^T would not: the scan would transpose it again). Under CUDA autocast both
+    passes run bf16 GEMMs, as nn.Linear would; the backward computes in the gradient's dtype (so CPU autocast, whose
+    state custom_bwd does not restore, works too)."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
@@ -243,6 +245,7 @@ class _ProjectOutChannelFirst(torch.autograd.Function):
         yt, w = ctx.saved_tensors
         b, d, L = ctx.shape
         g2 = g.reshape(b * L, -1)                                      # (tokens, d_model)
+        w, yt = w.to(g2.dtype), yt.to(g2.dtype)
         dy = torch.mm(w.t(), g2.t()).view(d, b, L).permute(1, 0, 2)   # (b, d_inner, L), time contiguous
-        dw = torch.mm(g2.t(), yt.t())                                  # (d_model, d_inner)
+        dw = torch.mm(g2.t(), yt.t())                                  # (d_model, d_inner); cast back by autograd
         return dy, dw

@@ -85,9 +85,12 @@ class RoutingStats:
     sums: tuple[Tensor, Tensor] | None = field(default=None, repr=False)  # (prob_sum, z_sum), computed or pooled
 
     def _sums(self) -> tuple[Tensor, Tensor]:
-        if self.sums is None:
-            self.sums = (self.probs.sum(0), torch.logsumexp(self.logits, dim=-1).pow(2).sum())
-        return self.sums
+        if self.sums is not None:
+            return self.sums
+        sums = (self.probs.sum(0), torch.logsumexp(self.logits, dim=-1).pow(2).sum())
+        if torch.is_grad_enabled() or not self.probs.requires_grad:
+            self.sums = sums    # kept; sums first asked for under no_grad (monitoring) would lose the router's graph
+        return sums
 
     @property
     def prob_sum(self) -> Tensor:
@@ -286,10 +289,10 @@ class RoMMixer(Mixer):
         """h (batch, L, d_model) -> xz (batch, 2*d_inner, L) summed over each token's K experts, channel-first."""
         b, L, _ = h.shape
         h = h.reshape(b * L, -1)
+        d = self.route(h)
         grouped = grouped_mm_available(h, self.w_in)
         if grouped:
-            h = h.to(torch.bfloat16)  # the grouped matmul reads bf16: gather half the bytes (and autocast's router
-        d = self.route(h)             # matmul would cast h to bf16 anyway: one cast serves both)
+            h = h.to(torch.bfloat16)  # the grouped matmul reads bf16: gather half the bytes
         xs = _GatherSlots.apply(h, d.token_of_slot, d.sorted_pos, self.top_k)
         if grouped:
             d.offs = group_offsets(d.counts, h.device)

@@ -225,6 +225,33 @@ def test_aux_losses():
     assert merged.n_tokens == 28 and merged.tokens_per_expert.tolist()[0] == int(st.tokens_per_expert[0]) + 10
 
 
+def test_routing_sums_asked_for_under_no_grad_do_not_cut_the_routers_gradient():
+    """The loss sums are computed lazily; a first read under no_grad (monitoring) must not cache graph-less sums."""
+    torch.manual_seed(8)
+    m = RoMMixer(small(num_experts=4, top_k=1))
+    _, _, st = m(torch.randn(2, 9, 16))
+    with torch.no_grad():
+        assert torch.allclose(st.mean_prob.sum(), torch.tensor(1.0))
+    loss = merge_routing_stats([st]).aux_loss(1e-2, 1e-3)
+    assert loss.requires_grad
+    loss.backward()
+    assert m.router.weight.grad.abs().sum() > 0
+
+
+def test_channel_first_out_projection_runs_under_cpu_autocast():
+    from rmamba.mamba import _ProjectOutChannelFirst
+
+    y = torch.randn(2, 6, 5, requires_grad=True)
+    w = torch.randn(4, 6, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _ProjectOutChannelFirst.apply(y, w)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert y.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+    torch.testing.assert_close(w.grad, torch.ones(2 * 5, 4).t() @ y.detach().transpose(1, 2).reshape(10, 6),
+                               atol=0.1, rtol=2e-2)
+
+
 def test_expert_matmul_matches_per_row_reference():
     torch.manual_seed(7)
     w = torch.randn(5, 6, 4)
