@@ -1,4 +1,4 @@
-"""Integer helpers for the kernels' host code.
+"""Host-side helpers of the kernels: integer arithmetic and the choice of a Triton or torch path.
 
 triton.cdiv / triton.next_power_of_2 are constexpr functions in recent Triton: callable from host code, but each call
 unwraps its arguments first (~4.5 us on this project's 2-core CPU, against ~0.1 us for the arithmetic), and the scan
@@ -6,6 +6,13 @@ calls them ~14 times per forward + backward. These are the plain integer version
 """
 
 from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+OP_BACKENDS = ("torch", "triton")
 
 
 def cdiv(a: int, b: int) -> int:
@@ -16,3 +23,22 @@ def cdiv(a: int, b: int) -> int:
 def next_pow2(n: int) -> int:
     """Smallest power of two >= n (1 for n <= 1)."""
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def use_triton(x: torch.Tensor, backend: str | None, module: str) -> bool:
+    """Whether an operator with a Triton module (``module``, e.g. "kernels.triton_conv") and a torch path runs the
+    Triton one: backend None -> for CUDA tensors when the module imports (no triton: the torch path, which is
+    exact); "triton" -> always (CPU tensors need TRITON_INTERPRET=1); "torch" -> never."""
+    if backend is None:
+        if not x.is_cuda:
+            return False
+        try:
+            importlib.import_module(module)
+        except Exception:  # triton missing or not importable here
+            return False
+        return True
+    if backend not in OP_BACKENDS:
+        raise ValueError(f"backend: expected one of {OP_BACKENDS}, got {backend!r}")
+    if backend == "triton" and not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1")
+    return backend == "triton"

@@ -13,28 +13,16 @@ conv under bf16 autocast in bf16). Differentiable in x, weight, bias and initial
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
-CONV_BACKENDS = ("torch", "triton")
+from kernels._host import OP_BACKENDS, use_triton
+
+CONV_BACKENDS = OP_BACKENDS
 
 
 def _use_triton(x: torch.Tensor, backend: str | None) -> bool:
-    if backend is None:
-        if not x.is_cuda:
-            return False
-        try:
-            from kernels import triton_conv  # noqa: F401
-        except Exception:  # triton missing: the torch path is exact
-            return False
-        return True
-    if backend not in CONV_BACKENDS:
-        raise ValueError(f"backend: expected one of {CONV_BACKENDS}, got {backend!r}")
-    if backend == "triton" and not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1")
-    return backend == "triton"
+    return use_triton(x, backend, "kernels.triton_conv")
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, initial: torch.Tensor | None) -> None:

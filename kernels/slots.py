@@ -25,27 +25,15 @@ dtype by torch (bf16 rows: differences of bf16 rounding).
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-SLOT_BACKENDS = ("torch", "triton")
+from kernels._host import OP_BACKENDS, use_triton
+
+SLOT_BACKENDS = OP_BACKENDS
 
 
 def _use_triton(x: torch.Tensor, backend: str | None) -> bool:
-    if backend is None:
-        if not x.is_cuda:
-            return False
-        try:
-            from kernels import triton_slots  # noqa: F401
-        except Exception:  # triton missing: the torch path is exact
-            return False
-        return True
-    if backend not in SLOT_BACKENDS:
-        raise ValueError(f"backend: expected one of {SLOT_BACKENDS}, got {backend!r}")
-    if backend == "triton" and not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1")
-    return backend == "triton"
+    return use_triton(x, backend, "kernels.triton_slots")
 
 
 def _check_index(name: str, idx: torch.Tensor, n: int, device: torch.device) -> None:

@@ -41,37 +41,36 @@ def _pre(x_row, i_row, w_ptr, cc, cm, bias, u, L, W: tl.constexpr, HAS_INIT: tl.
 
 
 @triton.jit
-def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, i_ptr, y_ptr, C, L, s_xb, s_xc, W: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     HAS_INIT: tl.constexpr, BC: tl.constexpr, BT: tl.constexpr):
+def _tile(x_ptr, b_ptr, i_ptr, C, s_xb, s_xc, W: tl.constexpr, HAS_BIAS: tl.constexpr, BC: tl.constexpr,
+          BT: tl.constexpr):
+    """This program's tile: channels cc (mask cm), times tt, its rows of x and of the carried window, the rows'
+    offset in the contiguous (batch, C, L) tensors, and the bias as a (BC, BT) fp32 tile."""
     pb = tl.program_id(1).to(tl.int64)
     cc = tl.program_id(2) * BC + tl.arange(0, BC)
     tt = tl.program_id(0) * BT + tl.arange(0, BT)
     cm = cc < C
-    x_row = x_ptr + pb * s_xb + cc.to(tl.int64)[:, None] * s_xc
-    i_row = i_ptr + (pb * C + cc.to(tl.int64)[:, None]) * (W - 1)
+    c64 = cc.to(tl.int64)[:, None]
     bias = tl.zeros((BC, BT), dtype=tl.float32)
     if HAS_BIAS:
         bias += tl.load(b_ptr + cc, mask=cm, other=0.0).to(tl.float32)[:, None]
+    return cc, cm, tt, x_ptr + pb * s_xb + c64 * s_xc, i_ptr + (pb * C + c64) * (W - 1), pb * C + c64, bias
+
+
+@triton.jit
+def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, i_ptr, y_ptr, C, L, s_xb, s_xc, W: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     HAS_INIT: tl.constexpr, BC: tl.constexpr, BT: tl.constexpr):
+    cc, cm, tt, x_row, i_row, row, bias = _tile(x_ptr, b_ptr, i_ptr, C, s_xb, s_xc, W, HAS_BIAS, BC, BT)
     pre = _pre(x_row, i_row, w_ptr, cc, cm, bias, tt[None, :], L, W, HAS_INIT)
     y = pre / (1.0 + tl.exp(-pre))
-    tl.store(y_ptr + (pb * C + cc.to(tl.int64)[:, None]) * L + tt[None, :], y.to(y_ptr.dtype.element_ty),
-             mask=cm[:, None] & (tt < L)[None, :])
+    tl.store(y_ptr + row * L + tt[None, :], y.to(y_ptr.dtype.element_ty), mask=cm[:, None] & (tt < L)[None, :])
 
 
 @triton.jit
 def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, i_ptr, dy_ptr, dx_ptr, dw_ptr, db_ptr, C, L, s_xb, s_xc,
                      W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, BC: tl.constexpr,
                      BT: tl.constexpr):
-    pb = tl.program_id(1).to(tl.int64)
-    cc = tl.program_id(2) * BC + tl.arange(0, BC)
-    tt = tl.program_id(0) * BT + tl.arange(0, BT)
-    cm = cc < C
-    x_row = x_ptr + pb * s_xb + cc.to(tl.int64)[:, None] * s_xc
-    i_row = i_ptr + (pb * C + cc.to(tl.int64)[:, None]) * (W - 1)
-    g_row = (pb * C + cc.to(tl.int64)[:, None]) * L                    # dy, dx: contiguous (batch, C, L)
-    bias = tl.zeros((BC, BT), dtype=tl.float32)
-    if HAS_BIAS:
-        bias += tl.load(b_ptr + cc, mask=cm, other=0.0).to(tl.float32)[:, None]
+    cc, cm, tt, x_row, i_row, row, bias = _tile(x_ptr, b_ptr, i_ptr, C, s_xb, s_xc, W, HAS_BIAS, BC, BT)
+    g_row = row * L                                                    # dy, dx: contiguous (batch, C, L)
     dx = tl.zeros((BC, BT), dtype=tl.float32)
     for j in tl.static_range(W):            # the output times u = t + j that x[t] feeds, through tap k = W-1-j
         u = tt[None, :] + j

@@ -3,9 +3,7 @@ CPU (TRITON_INTERPRET=1, set before they are imported), against the torch path, 
 
 from __future__ import annotations
 
-import importlib
 import os
-import sys
 
 import pytest
 
@@ -13,18 +11,14 @@ os.environ["TRITON_INTERPRET"] = "1"
 triton = pytest.importorskip("triton")
 torch = pytest.importorskip("torch")
 
+from conftest import load_interpreted  # noqa: E402
+
 from kernels.conv import causal_conv1d_silu, causal_conv1d_silu_torch, conv_window  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
 def interpreted():
-    """kernels.triton_conv in interpreter mode (re-imported if an earlier test loaded it compiled)."""
-    mod = sys.modules.get("kernels.triton_conv")
-    if mod is not None:
-        importlib.reload(mod)
-    mod = importlib.import_module("kernels.triton_conv")
-    assert type(mod._conv_fwd_kernel).__name__ == "InterpretedFunction"
-    yield
+    load_interpreted("kernels.triton_conv", "_conv_fwd_kernel")
 
 
 def inputs(b, c, L, w, dtype, bias, init, seed, strided=False):

@@ -4,15 +4,15 @@ torch path, and the autograd pair of rmamba.rom against index_select / index_add
 
 from __future__ import annotations
 
-import importlib
 import os
-import sys
 
 import pytest
 
 os.environ["TRITON_INTERPRET"] = "1"
 triton = pytest.importorskip("triton")
 torch = pytest.importorskip("torch")
+
+from conftest import load_interpreted  # noqa: E402
 
 import rmamba.rom as rom_mod  # noqa: E402
 from kernels.slots import (  # noqa: E402
@@ -26,13 +26,7 @@ from rmamba import RoMConfig, RoMMixer  # noqa: E402
 
 @pytest.fixture(scope="module", autouse=True)
 def interpreted():
-    """kernels.triton_slots in interpreter mode (re-imported if an earlier test loaded it compiled)."""
-    mod = sys.modules.get("kernels.triton_slots")
-    if mod is not None:
-        importlib.reload(mod)
-    mod = importlib.import_module("kernels.triton_slots")
-    assert type(mod._combine_cf_kernel).__name__ == "InterpretedFunction"
-    yield
+    load_interpreted("kernels.triton_slots", "_combine_cf_kernel")
 
 
 def dispatch(b: int, L: int, k: int, seed: int):
