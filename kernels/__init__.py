@@ -14,21 +14,13 @@ import os
 
 import torch
 
+from kernels._host import triton_available
 from kernels._validate import check_scan_args
 from kernels.conv import causal_conv1d_silu, conv_window
 from kernels.reference import selective_scan_reference
 from kernels.step import selective_state_update
 
 BACKENDS = ("reference", "cpu", "triton")
-
-
-def triton_available() -> bool:
-    """True when the Triton backend can run here (a CUDA device, or TRITON_INTERPRET=1)."""
-    try:
-        from kernels import triton_scan  # noqa: F401
-    except Exception:  # triton missing or the module not importable on this platform
-        return False
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def resolve_backend(backend: str | None, device: torch.device) -> str:

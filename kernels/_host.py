@@ -7,7 +7,6 @@ calls them ~14 times per forward + backward. These are the plain integer version
 
 from __future__ import annotations
 
-import importlib
 import os
 
 import torch
@@ -25,18 +24,21 @@ def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
-def use_triton(x: torch.Tensor, backend: str | None, module: str) -> bool:
-    """Whether an operator with a Triton module (``module``, e.g. "kernels.triton_conv") and a torch path runs the
-    Triton one: backend None -> for CUDA tensors when the module imports (no triton: the torch path, which is
-    exact); "triton" -> always (CPU tensors need TRITON_INTERPRET=1); "torch" -> never."""
+def triton_available() -> bool:
+    """True when the Triton backend can run here (a CUDA device, or TRITON_INTERPRET=1)."""
+    try:
+        from kernels import triton_scan  # noqa: F401  (every Triton module of kernels builds on it)
+    except Exception:  # triton missing or the module not importable on this platform
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def use_triton(x: torch.Tensor, backend: str | None) -> bool:
+    """Whether an operator with a Triton path and a torch path (kernels.conv, kernels.slots) runs the Triton one:
+    backend None -> for CUDA tensors where Triton is available (otherwise the torch path, which is exact);
+    "triton" -> always (CPU tensors need TRITON_INTERPRET=1); "torch" -> never."""
     if backend is None:
-        if not x.is_cuda:
-            return False
-        try:
-            importlib.import_module(module)
-        except Exception:  # triton missing or not importable here
-            return False
-        return True
+        return x.is_cuda and triton_available()
     if backend not in OP_BACKENDS:
         raise ValueError(f"backend: expected one of {OP_BACKENDS}, got {backend!r}")
     if backend == "triton" and not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":

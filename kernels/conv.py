@@ -21,10 +21,6 @@ from kernels._host import OP_BACKENDS, use_triton
 CONV_BACKENDS = OP_BACKENDS
 
 
-def _use_triton(x: torch.Tensor, backend: str | None) -> bool:
-    return use_triton(x, backend, "kernels.triton_conv")
-
-
 def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, initial: torch.Tensor | None) -> None:
     if x.dim() != 3:
         raise ValueError(f"x: expected shape (batch, C, L), got {tuple(x.shape)}")
@@ -54,7 +50,7 @@ def causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
                        initial: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
     """See the module docstring."""
     _check(x, weight, bias, initial)
-    if _use_triton(x, backend):
+    if use_triton(x, backend):
         from kernels.triton_conv import CausalConvSiLU
         return CausalConvSiLU.apply(x, weight, bias, initial)
     return causal_conv1d_silu_torch(x, weight, bias, initial)

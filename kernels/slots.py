@@ -32,10 +32,6 @@ from kernels._host import OP_BACKENDS, use_triton
 SLOT_BACKENDS = OP_BACKENDS
 
 
-def _use_triton(x: torch.Tensor, backend: str | None) -> bool:
-    return use_triton(x, backend, "kernels.triton_slots")
-
-
 def _check_index(name: str, idx: torch.Tensor, n: int, device: torch.device) -> None:
     if idx.dim() != 1 or idx.numel() != n or idx.dtype != torch.int64 or idx.device != device:
         raise ValueError(f"{name}: expected an int64 vector of {n} slots on {device}, got {idx.dtype} "
@@ -49,7 +45,7 @@ def combine_slots_cf(rows: torch.Tensor, sorted_pos: torch.Tensor, k: int, batch
         raise ValueError(f"rows: expected shape ({batch * L * k}, C) for batch {batch} x L {L} x k {k}, "
                          f"got {tuple(rows.shape)}")
     _check_index("sorted_pos", sorted_pos, rows.shape[0], rows.device)
-    if _use_triton(rows, backend) and L > 1:    # L = 1 (a streaming step): both layouts are one; index_select it is
+    if use_triton(rows, backend) and L > 1:    # L = 1 (a streaming step): both layouts are one; index_select it is
         from kernels.triton_slots import combine_slots_cf_triton
         return combine_slots_cf_triton(rows, sorted_pos, k, batch, L)
     out = rows.index_select(0, sorted_pos)
@@ -66,7 +62,7 @@ def gather_slots_cf(x: torch.Tensor, token_of_slot: torch.Tensor, sorted_pos: to
     b, c, L = x.shape
     _check_index("token_of_slot", token_of_slot, b * L * k, x.device)
     _check_index("sorted_pos", sorted_pos, b * L * k, x.device)
-    if _use_triton(x, backend) and L > 1:
+    if use_triton(x, backend) and L > 1:
         from kernels.triton_slots import gather_slots_cf_triton
         return gather_slots_cf_triton(x, sorted_pos, k)
     return x.transpose(1, 2).reshape(b * L, c).index_select(0, token_of_slot)
@@ -85,7 +81,7 @@ def combine_slots_weighted(rows: torch.Tensor, gate: torch.Tensor, sorted_pos: t
                            backend: str | None = None) -> torch.Tensor:
     """Sorted slot rows (N*k, C) and their gates (N*k,) -> per-token gated sums (N, C), token-major, rows' dtype."""
     _check_weighted(rows, gate, sorted_pos, k)
-    if _use_triton(rows, backend):
+    if use_triton(rows, backend):
         from kernels.triton_slots import combine_slots_weighted_triton
         return combine_slots_weighted_triton(rows, gate, sorted_pos, k)
     out = (rows * gate[:, None].to(rows.dtype)).index_select(0, sorted_pos)
@@ -100,7 +96,7 @@ def combine_slots_weighted_backward(rows: torch.Tensor, gate: torch.Tensor, toke
     _check_index("token_of_slot", token_of_slot, rows.shape[0], rows.device)
     if grad.shape != (rows.shape[0] // k, rows.shape[1]):
         raise ValueError(f"grad: expected shape {(rows.shape[0] // k, rows.shape[1])}, got {tuple(grad.shape)}")
-    if _use_triton(rows, backend):
+    if use_triton(rows, backend):
         from kernels.triton_slots import combine_slots_weighted_backward_triton
         return combine_slots_weighted_backward_triton(rows, gate, sorted_pos, k, grad)
     g = grad.index_select(0, token_of_slot)                                  # each slot's token's gradient

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -153,7 +154,11 @@ class _Dispatch:
     top_experts: Tensor     # (N, K) int64
     probs: Tensor           # (N, E) fp32
     logits: Tensor          # (N, E) fp32
-    offs: Tensor | None = None  # (E,) int32 group ends for the grouped matmul, set by the first projection using it
+
+    @cached_property
+    def offs(self) -> Tensor:
+        """(E,) int32 group ends for the grouped matmul, computed once for the layer's two projections."""
+        return group_offsets(self.counts, self.counts.device)
 
 
 class _GatherSlots(torch.autograd.Function):
@@ -294,9 +299,7 @@ class RoMMixer(Mixer):
         if grouped:
             h = h.to(torch.bfloat16)  # the grouped matmul reads bf16: gather half the bytes
         xs = _GatherSlots.apply(h, d.token_of_slot, d.sorted_pos, self.top_k)
-        if grouped:
-            d.offs = group_offsets(d.counts, h.device)
-        xz_sorted = expert_matmul(xs, self.w_in, d.counts, grouped, d.offs)  # (N*K, 2*d_inner)
+        xz_sorted = expert_matmul(xs, self.w_in, d.counts, grouped, d.offs if grouped else None)  # (N*K, 2*d_inner)
         if self.gate_on_all:
             xz_sorted = xz_sorted * d.gate_of_slot[:, None].to(xz_sorted.dtype)
         return _CombineSlotsCF.apply(xz_sorted, d.token_of_slot, d.sorted_pos, self.top_k, (b, L)), d
