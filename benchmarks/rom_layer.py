@@ -35,6 +35,7 @@ from _markdown import write_section  # noqa: E402  (sibling module; benchmarks r
 
 import kernels  # noqa: E402
 import kernels.conv as conv  # noqa: E402
+import kernels.route as route  # noqa: E402
 import kernels.slots as slots  # noqa: E402
 import rmamba.rom as rom  # noqa: E402
 from rmamba.blocks import Block  # noqa: E402
@@ -84,6 +85,22 @@ def time_ms(fn, device: torch.device, repeats: int, warmup: int = 3) -> tuple[li
     return times, host
 
 
+def time_queued_ms(fn, device: torch.device, repeats: int) -> float:
+    """Per call, ms: ``repeats`` calls queued back to back as a training loop runs them (one CUDA-event pair around
+    all of them, one sync at the end), so the host prepares the next call while the GPU runs this one and the time
+    is the slower side's. On the CPU the same as the synced time."""
+    if device.type != "cuda":
+        return statistics.median(time_ms(fn, device, repeats, warmup=0)[0])
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
 def count_syncs(fn, device: torch.device) -> int | None:
     """Device syncs in one fn() on a GPU (each one stops the host from running ahead of the device), counted with
     torch's sync debug mode ("called a synchronizing CUDA operation" warnings); None on the CPU."""
@@ -99,18 +116,23 @@ def count_syncs(fn, device: torch.device) -> int | None:
             fn()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    return sum("synchronizing" in str(w.message) for w in caught)
+    sites = [f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchronizing" in str(w.message)]
+    if sites:
+        print(f"  device syncs at {', '.join(sites)}", flush=True)
+    return len(sites)
 
 
 @contextmanager
 def torch_path():
     """The layer on plain torch ops where it has a GPU kernel of its own besides the scan: the routed projections
-    as a loop over the experts (F.linear), the slot moves of kernels.slots by index_select and copies, the conv +
-    SiLU by torch's conv1d (the reference the GPU path is checked against)."""
+    as a loop over the experts (F.linear), the routing (kernels.route) by softmax, top-k and a stable argsort, the slot
+    moves of kernels.slots by index_select and copies, the conv + SiLU by torch's conv1d (the reference the GPU path
+    is checked against)."""
     torch_slots = {name: functools.partial(getattr(slots, name), backend="torch")
                    for name in ("combine_slots_cf", "gather_slots_cf", "combine_slots_weighted",
                                 "combine_slots_weighted_backward")}
     with mock.patch.object(rom, "grouped_mm_available", lambda *a: False), \
+            mock.patch.object(rom, "route_slots", functools.partial(route.route_slots, backend="torch")), \
             mock.patch.object(kernels, "causal_conv1d_silu", functools.partial(conv.causal_conv1d_silu,
                                                                               backend="torch")), \
             mock.patch.multiple(rom, **torch_slots):
@@ -176,21 +198,22 @@ def run(args: argparse.Namespace) -> dict:
             syncs = count_syncs(step, device)
         row = {"name": name, "experts": e, "top_k": k, "params": sum(p.numel() for p in layer.parameters()),
                "grouped_check": check, "grouped": auto if grouped is None else grouped, "syncs": syncs,
-               "round_medians": []}
+               "round_medians": [], "queued_rounds": []}
         runs.append((row, step, grouped, [], []))
     for _ in range(args.rounds):
         for row, step, grouped, times, host in runs:
             with _path(grouped):
                 t, hs = time_ms(step, device, args.repeats)
+                row["queued_rounds"].append(time_queued_ms(step, device, args.repeats))
             times += t
             host += hs
             row["round_medians"].append(statistics.median(t))
     rows = []
     for row, _, _, times, host in runs:
         rows.append({**row, "median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
-                     "host_median_ms": statistics.median(host)})
+                     "host_median_ms": statistics.median(host), "queued_ms": statistics.median(row["queued_rounds"])})
         print(f"{row['name']:28s} {statistics.median(times):9.3f} ms  host {statistics.median(host):8.3f} ms  "
-              f"(params {row['params']:,})", flush=True)
+              f"queued {rows[-1]['queued_ms']:8.3f} ms  (params {row['params']:,})", flush=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     return {"device": name, "torch": torch.__version__, "batch": args.batch, "length": args.length,
             "d_model": args.d_model, "dtype": "bf16 autocast" if amp else "fp32", "repeats": args.repeats,
@@ -203,14 +226,16 @@ def _timing_text(res: dict) -> str:
     return (f"Median (min-max) of {res['rounds']} interleaved rounds x {res['repeats']} timings per variant after "
             "warm-up (CUDA events on a GPU; every variant once per round, so clock drift touches all alike); "
             "'host': median host time until the call returned (near the fwd+bwd time: the host is the slower side); "
+            f"'queued': per call, the median over rounds of {res['repeats']} calls queued back to back with one sync "
+            "at the end (as a training loop runs them: the time of the slower side, host or GPU); "
             "'device syncs': read-backs that made the host wait for the GPU in one call (torch's sync debug mode).")
 
 
 def _check_text(res: dict) -> str:
     if any(r["experts"] == 0 and r.get("grouped_check") is not None for r in res["rows"]):
         return ("On a GPU every row but the torch path's own (the dense layer's too: its conv) was first checked "
-                "against the torch path (a loop over the experts, slot moves by index_select, torch's conv1d; same "
-                "weights and inputs).")
+                "against the torch path (a loop over the experts, routing by torch's top-k and argsort, slot moves by "
+                "index_select, torch's conv1d; same weights and inputs).")
     return ("Every RoM row with the grouped path was first checked against the torch path (a loop over the experts, "
             "slot moves by index_select; same weights and inputs).")
 
@@ -226,22 +251,29 @@ def render(res: dict) -> str:
         f"auxiliary losses). {_timing_text(res)} "
         f"{_check_text(res)}",
         "",
-        "| layer | total params | fwd+bwd ms | vs dense | host ms | device syncs | routed projections "
-        "| vs torch path: max rel. diff |",
-        "|---|---:|---:|---:|---:|---:|---|---:|",
+        "| layer | total params | fwd+bwd ms | vs dense | host ms | queued ms | vs dense | device syncs "
+        "| routed projections | vs torch path: max rel. diff |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
+    dense_q = next(r for r in res["rows"] if r["name"] == "dense").get("queued_ms")
     for r in res["rows"]:
         path = "dense GEMMs" if r["experts"] == 0 else ("torch._grouped_mm (bf16)" if r["grouped"] else
                                                        "loop over experts (F.linear)")
         chk = f"{r['grouped_check']:.1e}" if r.get("grouped_check") is not None else "-"
         host = f"{r['host_median_ms']:.3f}" if "host_median_ms" in r else "-"
         syncs = "-" if r.get("syncs") is None else str(r["syncs"])
+        queued = (f"{r['queued_ms']:.3f} | {r['queued_ms'] / dense_q:.2f}x" if dense_q and "queued_ms" in r
+                  else "- | -")
         lines.append(f"| {r['name']} | {r['params']:,} | {r['median_ms']:.3f} ({r['min_ms']:.3f}-{r['max_ms']:.3f})"
-                     f" | {r['median_ms'] / dense:.2f}x | {host} | {syncs} | {path} | {chk} |")
-    rom8 = next(r for r in res["rows"] if r["name"] == "rom E=8 K=1")["median_ms"]
-    verdict = "met" if rom8 / dense <= 1.3 else "NOT met"
-    lines += ["", f"Target: RoM (E=8, K=1) forward + backward within 1.3x the dense layer: {rom8 / dense:.2f}x, "
-              f"{verdict}."]
+                     f" | {r['median_ms'] / dense:.2f}x | {host} | {queued} | {syncs} | {path} | {chk} |")
+    rom8 = next(r for r in res["rows"] if r["name"] == "rom E=8 K=1")
+    ratio = rom8["median_ms"] / dense
+    lines += ["", f"Target: RoM (E=8, K=1) forward + backward within 1.3x the dense layer: {ratio:.3f}x from an idle "
+              f"device, {'met' if ratio <= 1.3 else 'NOT met'}"]
+    if dense_q and "queued_ms" in rom8:
+        q = rom8["queued_ms"] / dense_q
+        lines[-1] += f"; {q:.3f}x queued, {'met' if q <= 1.3 else 'NOT met'}"
+    lines[-1] += "."
     return "\n".join(lines)
 
 

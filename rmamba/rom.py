@@ -13,14 +13,15 @@ each expert multiplies only its own rows (`expert_matmul`, the one place a group
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kernels.route import group_offsets, route_slots
 from kernels.slots import (
     combine_slots_cf,
     combine_slots_weighted,
@@ -31,10 +32,16 @@ from rmamba.config import RoMConfig
 from rmamba.mamba import MambaMixer, Mixer, make_ssm
 
 
+@functools.cache
+def _grouped_mm_card(device_index: int) -> bool:
+    """Whether this CUDA device runs torch's grouped matmul (compute capability >= 9.0); asked once per device."""
+    return hasattr(torch, "_grouped_mm") and torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
 def grouped_mm_available(x: Tensor, weights: Tensor) -> bool:
     """True where torch's grouped matmul runs as one fused kernel: a CUDA device of compute capability >= 9.0,
     bf16 compute (bf16 tensors, or bf16 autocast), and rows whose bf16 size is a multiple of 16 bytes."""
-    if not (x.is_cuda and hasattr(torch, "_grouped_mm") and torch.cuda.get_device_capability(x.device)[0] >= 9):
+    if not (x.is_cuda and _grouped_mm_card(x.device.index if x.device.index is not None else 0)):
         return False
     bf16 = (x.dtype == torch.bfloat16 and weights.dtype == torch.bfloat16) or (
         torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16)
@@ -58,50 +65,34 @@ def expert_matmul(x_sorted: Tensor, weights: Tensor, counts: Tensor | Sequence[i
         grouped = grouped_mm_available(x_sorted, weights)
     if grouped:
         if offs is None:
-            offs = group_offsets(counts, x_sorted.device)
+            offs = group_offsets(counts.to(x_sorted.device))
         return torch._grouped_mm(x_sorted.to(torch.bfloat16), weights.to(torch.bfloat16).transpose(1, 2), offs=offs)
     sizes = counts.tolist()
     pieces = [F.linear(xs, weights[e]) for e, xs in enumerate(x_sorted.split(sizes)) if sizes[e] > 0]
     return torch.cat(pieces) if pieces else x_sorted.new_zeros(0, weights.shape[1])
 
 
-def group_offsets(counts: Tensor, device: torch.device) -> Tensor:
-    """The grouped matmul's group ends: int32 cumulative slot counts, on ``device``."""
-    return counts.cumsum(0).to(device=device, dtype=torch.int32)
-
-
 @dataclass
 class RoutingStats:
     """Routing of one layer over one call (or several, merged). Counts are over token-slots (tokens * K).
-
-    The two sums behind the routing losses (``prob_sum``, ``z_sum``) are computed from the call's router outputs
-    when first asked for: scoring never asks, and training asks once, of the stats pooled over a step's calls."""
+    ``sums``: (prob_sum, z_sum), the two sums behind the routing losses (kernels.route computes them with the
+    routing, in the same pass on a GPU), carrying the router's gradient."""
 
     tokens_per_expert: Tensor        # (E,) int64, slots routed to each expert; sums to n_tokens * top_k
     n_tokens: int
     top_k: int
     top_experts: Tensor | None = None  # (batch, L, K) int64 experts chosen per token; None once merged
-    probs: Tensor | None = field(default=None, repr=False)    # (N, E) fp32 router probabilities of one call
-    logits: Tensor | None = field(default=None, repr=False)   # (N, E) fp32 router logits of one call
-    sums: tuple[Tensor, Tensor] | None = field(default=None, repr=False)  # (prob_sum, z_sum), computed or pooled
-
-    def _sums(self) -> tuple[Tensor, Tensor]:
-        if self.sums is not None:
-            return self.sums
-        sums = (self.probs.sum(0), torch.logsumexp(self.logits, dim=-1).pow(2).sum())
-        if torch.is_grad_enabled() or not self.probs.requires_grad:
-            self.sums = sums    # kept; sums first asked for under no_grad (monitoring) would lose the router's graph
-        return sums
+    sums: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
 
     @property
     def prob_sum(self) -> Tensor:
         """(E,) fp32, router probabilities summed over tokens (carries grad)."""
-        return self._sums()[0]
+        return self.sums[0]
 
     @property
     def z_sum(self) -> Tensor:
         """() fp32, sum over tokens of logsumexp(logits)^2 (carries grad)."""
-        return self._sums()[1]
+        return self.sums[1]
 
     @property
     def num_experts(self) -> int:
@@ -136,7 +127,7 @@ def merge_routing_stats(stats: Sequence[RoutingStats]) -> RoutingStats:
     balance is asked of the union and not of each call (that would forbid per-type specialisation)."""
     if len(stats) == 1:
         s = stats[0]
-        return RoutingStats(s.tokens_per_expert, s.n_tokens, s.top_k, sums=s._sums())
+        return RoutingStats(s.tokens_per_expert, s.n_tokens, s.top_k, sums=s.sums)
     return RoutingStats(
         tokens_per_expert=torch.stack([s.tokens_per_expert for s in stats]).sum(0),
         n_tokens=sum(s.n_tokens for s in stats), top_k=stats[0].top_k, top_experts=None,
@@ -145,20 +136,15 @@ def merge_routing_stats(stats: Sequence[RoutingStats]) -> RoutingStats:
 
 @dataclass
 class _Dispatch:
-    """Where each token-slot goes; slots are sorted by expert."""
+    """Where each token-slot goes (slots sorted by expert), and the routing's loss sums: kernels.route.Routing."""
 
     token_of_slot: Tensor   # (N*K,) int64 token index of each sorted slot
     sorted_pos: Tensor      # (N*K,) int64 position in the sorted order of slot token * K + k (inverse permutation)
     gate_of_slot: Tensor    # (N*K,) fp32 gate weight of each sorted slot
     counts: Tensor          # (E,) int64 slots per expert, on the tokens' device
+    offs: Tensor            # (E,) int32 group ends for the grouped matmul (the layer's two projections share them)
     top_experts: Tensor     # (N, K) int64
-    probs: Tensor           # (N, E) fp32
-    logits: Tensor          # (N, E) fp32
-
-    @cached_property
-    def offs(self) -> Tensor:
-        """(E,) int32 group ends for the grouped matmul, computed once for the layer's two projections."""
-        return group_offsets(self.counts, self.counts.device)
+    sums: tuple[Tensor, Tensor]  # (prob_sum (E,), z_sum ()) fp32
 
 
 class _GatherSlots(torch.autograd.Function):
@@ -276,19 +262,10 @@ class RoMMixer(Mixer):
         return self
 
     def route(self, h: Tensor) -> _Dispatch:
-        """h (N, d_model) -> top-K experts per token, gates, and the slot order sorted by expert."""
-        logits = self.router(h).float()                   # (N, E); routing math in fp32
-        probs = logits.softmax(dim=-1)
-        top_p, top_i = probs.topk(self.top_k, dim=-1)     # (N, K)
-        gates = top_p if self.top_k == 1 else top_p / top_p.sum(-1, keepdim=True)
-        flat = top_i.reshape(-1)                          # slot s = token * K + k
-        order = torch.argsort(flat, stable=True)
-        # slots per expert by a scatter-add, not torch.bincount: on CUDA bincount reads its input's maximum back to
-        # the host (a device sync in every forward, which stalls the host until the GPU has caught up)
-        counts = flat.new_zeros(self.num_experts).scatter_add_(0, flat, torch.ones_like(flat))
-        sorted_pos = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-        token_of_slot = order if self.top_k == 1 else order // self.top_k
-        return _Dispatch(token_of_slot, sorted_pos, gates.reshape(-1)[order], counts, top_i, probs, logits)
+        """h (N, d_model) -> top-K experts per token, gates, the slot order sorted by expert (kernels.route)."""
+        r = route_slots(self.router(h).float(), self.top_k)    # routing math in fp32
+        return _Dispatch(r.token_of_slot, r.sorted_pos, r.gate_of_slot, r.counts, r.offs, r.top_experts,
+                         (r.prob_sum, r.z_sum))
 
     def project_in(self, h: Tensor) -> tuple[Tensor, _Dispatch]:
         """h (batch, L, d_model) -> xz (batch, 2*d_inner, L) summed over each token's K experts, channel-first."""
@@ -299,7 +276,7 @@ class RoMMixer(Mixer):
         if grouped:
             h = h.to(torch.bfloat16)  # the grouped matmul reads bf16: gather half the bytes
         xs = _GatherSlots.apply(h, d.token_of_slot, d.sorted_pos, self.top_k)
-        xz_sorted = expert_matmul(xs, self.w_in, d.counts, grouped, d.offs if grouped else None)  # (N*K, 2*d_inner)
+        xz_sorted = expert_matmul(xs, self.w_in, d.counts, grouped, d.offs)  # (N*K, 2*d_inner)
         if self.gate_on_all:
             xz_sorted = xz_sorted * d.gate_of_slot[:, None].to(xz_sorted.dtype)
         return _CombineSlotsCF.apply(xz_sorted, d.token_of_slot, d.sorted_pos, self.top_k, (b, L)), d
@@ -311,13 +288,12 @@ class RoMMixer(Mixer):
         if grouped:
             y = y.to(torch.bfloat16)
         o = expert_matmul(_GatherSlotsCF.apply(y, d.token_of_slot, d.sorted_pos, self.top_k), self.w_out, d.counts,
-                          grouped, d.offs if grouped else None)
+                          grouped, d.offs)
         return _GatedCombineSlots.apply(o, d.gate_of_slot, d.token_of_slot, d.sorted_pos, self.top_k).view(b, L, -1)
 
     def routing_stats(self, d: _Dispatch, shape: tuple[int, int]) -> RoutingStats:
-        return RoutingStats(tokens_per_expert=d.counts, n_tokens=d.probs.shape[0], top_k=self.top_k,
-                            top_experts=d.top_experts.detach().view(*shape, self.top_k), probs=d.probs,
-                            logits=d.logits)
+        return RoutingStats(tokens_per_expert=d.counts, n_tokens=d.top_experts.shape[0], top_k=self.top_k,
+                            top_experts=d.top_experts.detach().view(*shape, self.top_k), sums=d.sums)
 
 
 __all__ = ["RoMMixer", "RoutingStats", "expert_matmul", "grouped_mm_available", "merge_routing_stats"]

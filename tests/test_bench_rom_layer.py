@@ -24,10 +24,13 @@ def test_rounds_time_every_variant_and_the_table_renders():
     for r in res["rows"]:
         assert len(r["round_medians"]) == 3 and r["min_ms"] <= r["median_ms"] <= r["max_ms"]
         assert r["host_median_ms"] > 0 and "step" not in r
+        assert len(r["queued_rounds"]) == 3 and r["queued_ms"] > 0
     text = rom_layer.render(res)
-    assert "3 interleaved rounds x 2 timings" in text and "| host ms | device syncs |" in text
+    assert "3 interleaved rounds x 2 timings" in text and "| host ms | queued ms | vs dense | device syncs |" in text
+    assert "x from an idle device" in text and "x queued" in text
     assert all(r["syncs"] is None for r in res["rows"])            # counted on a GPU only
     assert "Target: RoM (E=8, K=1) forward + backward within 1.3x the dense layer" in text
-    old = {**res, "rows": [{k: v for k, v in r.items() if k != "host_median_ms"} for r in res["rows"]]}
+    old = {**res, "rows": [{k: v for k, v in r.items() if k not in ("host_median_ms", "queued_ms")}
+                           for r in res["rows"]]}
     del old["rounds"]
     assert "Median (min-max) of 2 timings" in rom_layer.render(old)

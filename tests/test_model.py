@@ -226,7 +226,7 @@ def test_aux_losses():
 
 
 def test_routing_sums_asked_for_under_no_grad_do_not_cut_the_routers_gradient():
-    """The loss sums are computed lazily; a first read under no_grad (monitoring) must not cache graph-less sums."""
+    """A monitoring read of the loss sums under no_grad must leave the router's gradient through them intact."""
     torch.manual_seed(8)
     m = RoMMixer(small(num_experts=4, top_k=1))
     _, _, st = m(torch.randn(2, 9, 16))
