@@ -1,11 +1,12 @@
 """Triton kernels of kernels.conv: the depthwise causal conv1d + SiLU of a mixer, forward and backward.
 
 A program owns BC channels x BT time steps of one batch row; x is read along time (contiguous), each of the W taps
-a shifted load of the same rows (cache hits after the first). The backward recomputes the pre-activation at the W
-shifts each output's gradient needs (dx[t] = sum_k w[k] * dpre[t + W-1-k]), so it reads x and dy once from memory
-and writes dx once; the weight and bias gradients are per-program partial sums added with atomics (fp32: their
-rounding depends on the order the programs run in, so they vary in the last bits from run to run, unlike the
-torch path's). Time tiles sit on grid axis 0 (axes 1 and 2 are capped at 65535).
+a shifted load of the same rows (cache hits after the first). The backward is two passes over such tiles, each
+computing its own times only: the first recomputes the pre-activation, writes dpre = dy * silu'(pre) to an fp32
+scratch (batch, C, L) and each tile's weight / bias gradient partial sums to a small (tiles, C * W [+ C]) buffer,
+which one torch sum reduces (deterministic: the same bits run to run, no atomics); the second reads dpre at the W
+shifts dx[t] = sum_j w[W-1-j] * dpre[t + j] and writes dx. Time tiles sit on grid axis 0 (axes 1 and 2 are capped
+at 65535).
 The carried window's gradient (chunks trained through, rare) is left to the torch path's autograd.
 """
 
@@ -19,6 +20,7 @@ from kernels._host import cdiv
 from kernels.triton_scan import _launch  # Triton's launcher costs tens of us of host time per call; see there
 
 _BC, _BT, _WARPS = 8, 256, 4
+_BC_B, _BT_B = 4, 512     # the backward's tiles: wide along time, so few weight / bias gradient partials
 
 
 @triton.jit
@@ -66,27 +68,38 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, i_ptr, y_ptr, C, L, s_xb, s_xc, W: tl.
 
 
 @triton.jit
-def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, i_ptr, dy_ptr, dx_ptr, dw_ptr, db_ptr, C, L, s_xb, s_xc,
-                     W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, BC: tl.constexpr,
-                     BT: tl.constexpr):
+def _conv_dpre_kernel(x_ptr, w_ptr, b_ptr, i_ptr, dy_ptr, dp_ptr, part_ptr, C, L, s_xb, s_xc, P,
+                      W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, BC: tl.constexpr,
+                      BT: tl.constexpr):
+    """Backward pass 1 over this tile's own times: dpre = dy * silu'(pre) into dp (contiguous (batch, C, L)), and the
+    tile's weight / bias gradient partials, sum over its times of dpre * xpad[t + k - (W-1)] (k < W) and of dpre,
+    into row (batch row * time tiles + time tile) of part (tiles, P): weight at c * W + k, bias at C * W + c."""
     cc, cm, tt, x_row, i_row, row, bias = _tile(x_ptr, b_ptr, i_ptr, C, s_xb, s_xc, W, HAS_BIAS, BC, BT)
-    g_row = row * L                                                    # dy, dx: contiguous (batch, C, L)
+    t = tt[None, :]
+    m = cm[:, None] & (t < L)
+    pre = _pre(x_row, i_row, w_ptr, cc, cm, bias, t, L, W, HAS_INIT)
+    s = 1.0 / (1.0 + tl.exp(-pre))
+    dy = tl.load(dy_ptr + row * L + t, mask=m, other=0.0).to(tl.float32)
+    dpre = dy * s * (1.0 + pre * (1.0 - s))                            # 0 outside the tile's valid times (dy = 0)
+    tl.store(dp_ptr + row * L + t, dpre.to(dp_ptr.dtype.element_ty), mask=m)
+    part = part_ptr + (tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)).to(tl.int64) * P
+    for k in tl.static_range(W):            # the taps' x again: the loads of _pre, now cache hits
+        xk = _x_at(x_row, i_row, t + (k - (W - 1)), L, cm[:, None], W, HAS_INIT)
+        tl.store(part + cc * W + k, tl.sum(dpre * xk, axis=1), mask=cm)
+    if HAS_BIAS:
+        tl.store(part + C * W + cc, tl.sum(dpre, axis=1), mask=cm)
+
+
+@triton.jit
+def _conv_dx_kernel(dp_ptr, w_ptr, dx_ptr, C, L, W: tl.constexpr, BC: tl.constexpr, BT: tl.constexpr):
+    """Backward pass 2: dx[t] = sum_j w[W-1-j] * dpre[t + j] (dpre = 0 from L on); dp, dx contiguous (batch, C, L)."""
+    cc, cm, tt, _, _, row, _ = _tile(dp_ptr, w_ptr, dp_ptr, C, 0, 0, W, False, BC, BT)   # only the tile's indices
+    t = tt[None, :]
     dx = tl.zeros((BC, BT), dtype=tl.float32)
-    for j in tl.static_range(W):            # the output times u = t + j that x[t] feeds, through tap k = W-1-j
-        u = tt[None, :] + j
-        pre = _pre(x_row, i_row, w_ptr, cc, cm, bias, u, L, W, HAS_INIT)
-        s = 1.0 / (1.0 + tl.exp(-pre))
-        dy = tl.load(dy_ptr + g_row + u, mask=cm[:, None] & (u < L), other=0.0).to(tl.float32)
-        dpre = dy * s * (1.0 + pre * (1.0 - s))
+    for j in tl.static_range(W):            # x[t] feeds the output at t + j through tap W-1-j
         wk = tl.load(w_ptr + cc * W + (W - 1 - j), mask=cm, other=0.0).to(tl.float32)
-        dx += wk[:, None] * dpre
-        if j == 0:                          # this program's own output times: the weight and bias gradients
-            for k in tl.static_range(W):
-                xk = _x_at(x_row, i_row, u + (k - (W - 1)), L, cm[:, None], W, HAS_INIT)
-                tl.atomic_add(dw_ptr + cc * W + k, tl.sum(dpre * xk, axis=1), mask=cm)
-            if HAS_BIAS:
-                tl.atomic_add(db_ptr + cc, tl.sum(dpre, axis=1), mask=cm)
-    tl.store(dx_ptr + g_row + tt[None, :], dx.to(dx_ptr.dtype.element_ty), mask=cm[:, None] & (tt < L)[None, :])
+        dx += wk[:, None] * tl.load(dp_ptr + row * L + (t + j), mask=cm[:, None] & (t + j < L), other=0.0)
+    tl.store(dx_ptr + row * L + t, dx.to(dx_ptr.dtype.element_ty), mask=cm[:, None] & (t < L))
 
 
 class CausalConvSiLU(torch.autograd.Function):
@@ -125,13 +138,18 @@ class CausalConvSiLU(torch.autograd.Function):
         dy = dy.contiguous()
         b, C, L = xs.shape
         W = w.shape[1]
+        nt = cdiv(L, _BT_B)
         dx = torch.empty(b, C, L, device=xs.device, dtype=xs.dtype)
-        dw = torch.zeros(C, W, device=xs.device, dtype=torch.float32)
-        db = torch.zeros(C, device=xs.device, dtype=torch.float32) if bias is not None else dw
+        dpre = torch.empty(b, C, L, device=xs.device, dtype=torch.float32)  # in bf16 it would double dx's error
+        part = torch.empty(b * nt, C * (W + (bias is not None)), device=xs.device, dtype=torch.float32)
         if dx.numel():
-            _launch(_conv_bwd_kernel, (cdiv(L, _BT), b, cdiv(C, _BC)),
-                    (xs, w, bias if bias is not None else w, init if init is not None else xs, dy, dx, dw, db, C, L,
-                     xs.stride(0), xs.stride(1)),
-                    dict(W=W, HAS_BIAS=bias is not None, HAS_INIT=init is not None, BC=_BC, BT=_BT,
+            grid = (nt, b, cdiv(C, _BC_B))
+            _launch(_conv_dpre_kernel, grid,
+                    (xs, w, bias if bias is not None else w, init if init is not None else xs, dy, dpre, part, C, L,
+                     xs.stride(0), xs.stride(1), part.shape[1]),
+                    dict(W=W, HAS_BIAS=bias is not None, HAS_INIT=init is not None, BC=_BC_B, BT=_BT_B,
                          num_warps=_WARPS))
-        return dx, dw.to(w.dtype), (db.to(bias.dtype) if bias is not None else None), None
+            _launch(_conv_dx_kernel, grid, (dpre, w, dx, C, L), dict(W=W, BC=_BC_B, BT=_BT_B, num_warps=_WARPS))
+        sums = part.sum(0)                  # one deterministic reduction over the tiles (zeros when there are none)
+        db = sums[C * W:].to(bias.dtype) if bias is not None else None
+        return dx, sums[:C * W].view(C, W).to(w.dtype), db, None

@@ -33,12 +33,14 @@ def inputs(b, c, L, w, dtype, bias, init, seed, strided=False):
     return x, weight, bi, ini
 
 
-@pytest.mark.parametrize("L", [1, 2, 5, 300])           # shorter than the window; longer than one 256-step tile
-@pytest.mark.parametrize("bias,init", [(True, False), (False, True), (True, True)])
+# L: shorter than the window; longer than one forward (256-step) tile; longer than one backward (512-step) tile
+@pytest.mark.parametrize("L", [1, 2, 5, 300, 700])
+@pytest.mark.parametrize("bias,init", [(True, False), (False, True), (True, True), (False, False)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_conv_matches_torch_values_and_gradients(L, bias, init, dtype):
     """Against the torch path in fp32 on the same values (the kernels compute in fp32 for any input dtype): equal
-    up to fp32 rounding, and for bf16 up to the rounding of the bf16 outputs (y, dx)."""
+    up to fp32 rounding, and for bf16 up to the rounding of the bf16 outputs (y, dx). 10 channels: a partial channel
+    tile in both passes; L = 700: the weight / bias gradients summed over several backward time tiles."""
     x, w, b, ini = inputs(2, 10, L, 4, dtype, bias, init, seed=L, strided=L == 300)
     leaves = [t.clone().requires_grad_() if t is not None and i < 3 else t for i, t in enumerate((x, w, b, ini))]
     ref_leaves = [None if t is None else t.float().clone().requires_grad_(i < 3)
