@@ -1,5 +1,7 @@
 import os
 
+import pytest
+
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # The test machines have no GPU: Triton kernels run through Triton's interpreter. Set before anything imports
 # triton, so every module that loads kernels.triton_scan sees interpreted kernels (mixing modes in one
@@ -19,3 +21,14 @@ def load_interpreted(module: str, kernel: str):
     mod = importlib.import_module(module)
     assert type(getattr(mod, kernel)).__name__ == "InterpretedFunction", f"{module}.{kernel} must be interpreted here"
     return mod
+
+
+def interpreted_kernels(module: str, kernel: str):
+    """A module-scoped autouse fixture for a test module of a kernels.triton_* module: its kernels interpreted (see
+    load_interpreted). Assign it to a module-level name; the module sets TRITON_INTERPRET=1 before its imports."""
+
+    @pytest.fixture(scope="module", autouse=True)
+    def interpreted():
+        return load_interpreted(module, kernel)
+
+    return interpreted

@@ -11,14 +11,11 @@ os.environ["TRITON_INTERPRET"] = "1"
 triton = pytest.importorskip("triton")
 torch = pytest.importorskip("torch")
 
-from conftest import load_interpreted  # noqa: E402
+from conftest import interpreted_kernels  # noqa: E402
 
 from kernels.conv import causal_conv1d_silu, causal_conv1d_silu_torch, conv_window  # noqa: E402
 
-
-@pytest.fixture(scope="module", autouse=True)
-def interpreted():
-    load_interpreted("kernels.triton_conv", "_conv_fwd_kernel")
+interpreted = interpreted_kernels("kernels.triton_conv", "_conv_fwd_kernel")
 
 
 def inputs(b, c, L, w, dtype, bias, init, seed, strided=False):

@@ -11,14 +11,11 @@ os.environ["TRITON_INTERPRET"] = "1"
 triton = pytest.importorskip("triton")
 torch = pytest.importorskip("torch")
 
-from conftest import load_interpreted  # noqa: E402
+from conftest import interpreted_kernels  # noqa: E402
 
 from kernels.route import route_slots, route_torch  # noqa: E402
 
-
-@pytest.fixture(scope="module", autouse=True)
-def interpreted():
-    load_interpreted("kernels.triton_route", "_route_fwd_kernel")
+interpreted = interpreted_kernels("kernels.triton_route", "_route_fwd_kernel")
 
 
 # (tokens, experts): one partial tile; two tiles of 512 at E = 8; E = 33 pads to 64 -> tiles of 64, 41 of them, more

@@ -12,7 +12,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 triton = pytest.importorskip("triton")
 torch = pytest.importorskip("torch")
 
-from conftest import load_interpreted  # noqa: E402
+from conftest import interpreted_kernels  # noqa: E402
 
 import rmamba.rom as rom_mod  # noqa: E402
 from kernels.slots import (  # noqa: E402
@@ -23,10 +23,7 @@ from kernels.slots import (  # noqa: E402
 )
 from rmamba import RoMConfig, RoMMixer  # noqa: E402
 
-
-@pytest.fixture(scope="module", autouse=True)
-def interpreted():
-    load_interpreted("kernels.triton_slots", "_combine_cf_kernel")
+interpreted = interpreted_kernels("kernels.triton_slots", "_combine_cf_kernel")
 
 
 def dispatch(b: int, L: int, k: int, seed: int):
