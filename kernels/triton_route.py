@@ -2,8 +2,9 @@
 
 Forward, two launches: ``_route_fwd_kernel`` takes each token's softmax, its expert (argmax) and gate (1 / the
 softmax denominator: the chosen logit is the maximum), and per tile the expert histogram, the probability sums and
-the sum of logsumexp^2; ``_route_place_kernel`` reads all tiles' histograms (a few KB), so each tile knows where its
-tokens of every expert start in the sorted order, ranks its tokens within an expert by a cumulative sum (a stable
+the sum of logsumexp^2; between them one torch cumsum adds the histograms up over the tiles, so that
+``_route_place_kernel`` reads two rows of it per tile (the tiles before this one, all tiles): where this tile's tokens
+of every expert start in the sorted order. It ranks its tokens within an expert by a cumulative sum (a stable
 counting sort: the order torch's stable argsort gives), and writes each token's sorted position and the slot's token
 and gate. Its first program also writes the counts, the grouped matmul's group ends and the two loss sums, adding the
 tiles' partial sums in tile order (deterministic). Backward, one launch: the softmax is recomputed from the logits and
@@ -19,7 +20,7 @@ import triton.language as tl
 from kernels._host import cdiv, next_pow2
 from kernels.triton_scan import _launch  # Triton's launcher costs tens of us of host time per call; see there
 
-_TILE, _CH, _WARPS = 4096, 32, 4     # tokens x padded experts per program; tiles' histograms read CH at a time
+_TILE, _CH, _WARPS = 4096, 32, 4     # tokens x padded experts per program; tiles' loss partials summed CH at a time
 
 
 @triton.jit
@@ -30,7 +31,9 @@ def _softmax_rows(logits_ptr, tt, ee, tm, em, E):
     ex = tl.exp(lg - m[:, None])
     s = tl.where(tm, tl.sum(ex, axis=1), 1.0)
     inv = 1.0 / s
-    return ex * inv[:, None], m + tl.log(s), inv, tl.argmax(lg, axis=1)
+    # NaN ranks above everything (as in torch.topk): Triton's argmax compares with > and ==, which NaN fails either
+    # way, so the threads holding one row could disagree on its expert (and the histogram on the stored choice)
+    return ex * inv[:, None], m + tl.log(s), inv, tl.argmax(tl.where(lg != lg, float("inf"), lg), axis=1)
 
 
 @triton.jit
@@ -50,19 +53,14 @@ def _route_fwd_kernel(logits_ptr, top_ptr, gate_ptr, hist_ptr, psum_ptr, zpart_p
 
 
 @triton.jit
-def _route_place_kernel(top_ptr, gate_ptr, hist_ptr, psum_ptr, zpart_ptr, pos_ptr, tos_ptr, gos_ptr, counts_ptr,
+def _route_place_kernel(top_ptr, gate_ptr, cum_ptr, psum_ptr, zpart_ptr, pos_ptr, tos_ptr, gos_ptr, counts_ptr,
                         offs_ptr, probsum_ptr, zsum_ptr, N, E, NB, EP: tl.constexpr, BT: tl.constexpr,
                         CH: tl.constexpr):
     pid = tl.program_id(0)
     ee = tl.arange(0, EP)
     em = ee < E
-    total = tl.zeros((EP,), dtype=tl.int32)
-    before = tl.zeros((EP,), dtype=tl.int32)
-    for b0 in range(0, NB, CH):
-        bb = b0 + tl.arange(0, CH)
-        h = tl.load(hist_ptr + bb[:, None] * EP + ee[None, :], mask=(bb < NB)[:, None], other=0)
-        total += tl.sum(h, axis=0)
-        before += tl.sum(tl.where((bb < pid)[:, None], h, 0), axis=0)
+    total = tl.load(cum_ptr + (NB - 1) * EP + ee)                      # cum: the tiles' histograms summed over tiles
+    before = tl.load(cum_ptr + tl.maximum(pid - 1, 0) * EP + ee) * (pid > 0).to(tl.int32)
     ends = tl.cumsum(total, axis=0)
     start = ends - total + before            # where this tile's first token of each expert goes
     if pid == 0:
@@ -133,7 +131,8 @@ class RouteTop1(torch.autograd.Function):
         prob_sum, z_sum = torch.empty(E, **f32), torch.empty((), **f32)
         kw = dict(EP=EP, BT=BT, num_warps=_WARPS)
         _launch(_route_fwd_kernel, (NB,), (logits, top, gate, hist, psum, zpart, N, E), kw)
-        _launch(_route_place_kernel, (NB,), (top, gate, hist, psum, zpart, pos, tos, gos, counts, offs, prob_sum,
+        cum = hist.cumsum(0, dtype=torch.int32)   # each tile's start per expert, read once by the placing kernel
+        _launch(_route_place_kernel, (NB,), (top, gate, cum, psum, zpart, pos, tos, gos, counts, offs, prob_sum,
                                              z_sum, N, E, NB), dict(kw, CH=_CH))
         ctx.save_for_backward(logits, top, pos)
         ctx.mark_non_differentiable(tos, pos, counts, offs, top)

@@ -84,15 +84,21 @@ class RoutingStats:
     top_experts: Tensor | None = None  # (batch, L, K) int64 experts chosen per token; None once merged
     sums: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
 
+    def _sum(self, i: int) -> Tensor:
+        if self.sums is None:
+            raise ValueError("RoutingStats: no routing-loss sums (built without `sums`); the losses and mean_prob "
+                             "need the (prob_sum, z_sum) of the routing")
+        return self.sums[i]
+
     @property
     def prob_sum(self) -> Tensor:
         """(E,) fp32, router probabilities summed over tokens (carries grad)."""
-        return self.sums[0]
+        return self._sum(0)
 
     @property
     def z_sum(self) -> Tensor:
         """() fp32, sum over tokens of logsumexp(logits)^2 (carries grad)."""
-        return self.sums[1]
+        return self._sum(1)
 
     @property
     def num_experts(self) -> int:

@@ -221,6 +221,8 @@ def test_aux_losses():
     collapsed = RoutingStats(torch.tensor([10, 0, 0, 0]), 10, 1,
                              sums=(torch.tensor([10.0, 0, 0, 0]), torch.tensor(0.0)))
     torch.testing.assert_close(collapsed.load_balance_loss(), torch.tensor(4.0))
+    with pytest.raises(ValueError, match="no routing-loss sums"):
+        RoutingStats(torch.tensor([1]), 1, 1).load_balance_loss()
     merged = merge_routing_stats([st, collapsed])
     assert merged.n_tokens == 28 and merged.tokens_per_expert.tolist()[0] == int(st.tokens_per_expert[0]) + 10
 

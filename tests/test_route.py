@@ -19,7 +19,7 @@ interpreted = interpreted_kernels("kernels.triton_route", "_route_fwd_kernel")
 
 
 # (tokens, experts): one partial tile; two tiles of 512 at E = 8; E = 33 pads to 64 -> tiles of 64, 41 of them, more
-# than the 32 histograms the placing kernel reads at a time; one expert
+# than the 32 tiles' loss partials the placing kernel sums at a time; one expert
 @pytest.mark.parametrize("n,e", [(37, 5), (700, 8), (2600, 33), (9, 1)])
 def test_triton_top1_routing_matches_the_torch_path(n, e):
     torch.manual_seed(n + e)
@@ -87,3 +87,22 @@ def test_a_rom_mixer_trains_the_same_on_the_triton_routing(monkeypatch):
         got.append((out, h.grad, mixer.router.weight.grad, stats.tokens_per_expert))
     for a, b in zip(*got):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy (the interpreter) on NaN arithmetic
+@pytest.mark.parametrize("e", [5, 8])
+def test_nan_logits_still_give_a_valid_slot_order(e):
+    """A NaN router logit (a diverging step, a NaN input) must leave the dispatch a permutation with counts that add up
+    (the slot kernels index with it); the NaN row's expert is its NaN column, as torch.topk ranks NaN highest."""
+    torch.manual_seed(e)
+    n = 700
+    logits = torch.randn(n, e)
+    logits[2] = float("nan")                 # a whole row
+    logits[n - 1, e - 1] = float("nan")      # one value
+    logits[300, 0] = float("nan")
+    r = route_slots(logits, 1, backend="triton")
+    assert int(r.counts.sum()) == n and (r.top_experts >= 0).all() and (r.top_experts < e).all()
+    assert torch.equal(r.token_of_slot.sort().values, torch.arange(n))
+    assert torch.equal(r.token_of_slot[r.sorted_pos], torch.arange(n))
+    assert torch.equal(r.counts, torch.bincount(r.top_experts.flatten(), minlength=e))
+    assert r.top_experts[n - 1, 0] == e - 1 and r.top_experts[300, 0] == 0 and r.top_experts[2, 0] == 0
