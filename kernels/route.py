@@ -11,10 +11,11 @@ the two sums behind the routing losses (ROM_SPEC section 2).
         prob_sum (E,) fp32         router probabilities summed over tokens (differentiable)
         z_sum () fp32              sum over tokens of logsumexp(logits)^2 (differentiable)
 
-CUDA tensors at k = 1 run kernels.triton_route (two Triton kernels forward, one backward, where the torch path is ~20
-ops each way and a radix sort; CPU tensors too with backend="triton" under TRITON_INTERPRET=1, the tests); everything
-else runs torch ops with autograd. Both give the same order (a stable counting sort equals a stable argsort) and the
-same values up to fp32 rounding of the softmax sums.
+CUDA tensors at k = 1 run kernels.triton_route (two Triton kernels and a cumsum forward, one kernel backward, where
+the torch path is ~20 ops each way and a radix sort; CPU tensors too with backend="triton" under TRITON_INTERPRET=1,
+the tests); everything else runs torch ops with autograd. Both give the same order (a stable counting sort equals a
+stable argsort) and the same values up to fp32 rounding of the softmax sums, for finite logits without ties (the
+kernels take the argmax of the logits, NaN highest; the torch path the top-k of the probabilities).
 """
 
 from __future__ import annotations
