@@ -1,5 +1,5 @@
 """Scan operators behind one dispatching entry point (imports torch, and triton only when present); the mixer's
-fused causal conv1d + SiLU (kernels.conv) and RoM's slot moves (kernels.slots) beside them.
+fused causal conv1d + SiLU (kernels.conv), RoM's routing (kernels.route) and slot moves (kernels.slots) beside them.
 
 Backends: ``reference`` (sequential fp32 loop, the oracle), ``cpu`` (vectorised, chunked; exact),
 ``triton`` (GPU; also runs on CPU tensors under TRITON_INTERPRET=1). Selection: the ``backend=``

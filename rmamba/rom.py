@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kernels.route import group_offsets, route_slots
+from kernels.route import Routing, group_offsets, route_slots
 from kernels.slots import (
     combine_slots_cf,
     combine_slots_weighted,
@@ -140,19 +140,6 @@ def merge_routing_stats(stats: Sequence[RoutingStats]) -> RoutingStats:
         sums=(torch.stack([s.prob_sum for s in stats]).sum(0), torch.stack([s.z_sum for s in stats]).sum()))
 
 
-@dataclass
-class _Dispatch:
-    """Where each token-slot goes (slots sorted by expert), and the routing's loss sums: kernels.route.Routing."""
-
-    token_of_slot: Tensor   # (N*K,) int64 token index of each sorted slot
-    sorted_pos: Tensor      # (N*K,) int64 position in the sorted order of slot token * K + k (inverse permutation)
-    gate_of_slot: Tensor    # (N*K,) fp32 gate weight of each sorted slot
-    counts: Tensor          # (E,) int64 slots per expert, on the tokens' device
-    offs: Tensor            # (E,) int32 group ends for the grouped matmul (the layer's two projections share them)
-    top_experts: Tensor     # (N, K) int64
-    sums: tuple[Tensor, Tensor]  # (prob_sum (E,), z_sum ()) fp32
-
-
 class _GatherSlots(torch.autograd.Function):
     """x (N, d) -> (N*K, d): row p is x[token_of_slot[p]] (the tokens copied into their sorted slots).
 
@@ -267,13 +254,12 @@ class RoMMixer(Mixer):
         self.w_out.copy_(dense.out_proj.weight.expand_as(self.w_out))
         return self
 
-    def route(self, h: Tensor) -> _Dispatch:
-        """h (N, d_model) -> top-K experts per token, gates, the slot order sorted by expert (kernels.route)."""
-        r = route_slots(self.router(h).float(), self.top_k)    # routing math in fp32
-        return _Dispatch(r.token_of_slot, r.sorted_pos, r.gate_of_slot, r.counts, r.offs, r.top_experts,
-                         (r.prob_sum, r.z_sum))
+    def route(self, h: Tensor) -> Routing:
+        """h (N, d_model) -> top-K experts per token, gates, the slot order sorted by expert and the routing-loss
+        sums (kernels.route)."""
+        return route_slots(self.router(h).float(), self.top_k)    # routing math in fp32
 
-    def project_in(self, h: Tensor) -> tuple[Tensor, _Dispatch]:
+    def project_in(self, h: Tensor) -> tuple[Tensor, Routing]:
         """h (batch, L, d_model) -> xz (batch, 2*d_inner, L) summed over each token's K experts, channel-first."""
         b, L, _ = h.shape
         h = h.reshape(b * L, -1)
@@ -287,7 +273,7 @@ class RoMMixer(Mixer):
             xz_sorted = xz_sorted * d.gate_of_slot[:, None].to(xz_sorted.dtype)
         return _CombineSlotsCF.apply(xz_sorted, d.token_of_slot, d.sorted_pos, self.top_k, (b, L)), d
 
-    def project_out(self, y: Tensor, d: _Dispatch) -> Tensor:
+    def project_out(self, y: Tensor, d: Routing) -> Tensor:
         """y (batch, d_inner, L) -> out (batch, L, d_model) = sum over the token's experts of g * y W_o."""
         b, _, L = y.shape
         grouped = grouped_mm_available(y, self.w_out)
@@ -297,9 +283,9 @@ class RoMMixer(Mixer):
                           grouped, d.offs)
         return _GatedCombineSlots.apply(o, d.gate_of_slot, d.token_of_slot, d.sorted_pos, self.top_k).view(b, L, -1)
 
-    def routing_stats(self, d: _Dispatch, shape: tuple[int, int]) -> RoutingStats:
+    def routing_stats(self, d: Routing, shape: tuple[int, int]) -> RoutingStats:
         return RoutingStats(tokens_per_expert=d.counts, n_tokens=d.top_experts.shape[0], top_k=self.top_k,
-                            top_experts=d.top_experts.detach().view(*shape, self.top_k), sums=d.sums)
+                            top_experts=d.top_experts.detach().view(*shape, self.top_k), sums=(d.prob_sum, d.z_sum))
 
 
 __all__ = ["RoMMixer", "RoutingStats", "expert_matmul", "grouped_mm_available", "merge_routing_stats"]
