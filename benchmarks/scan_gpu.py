@@ -1221,7 +1221,9 @@ def main() -> None:
     ap.add_argument("--no-bwd", action="store_true")
     ap.add_argument("--no-mamba", action="store_true")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile of the reference (~90 s)")
-    ap.add_argument("--budget-s", type=float, default=480.0, help="stop timing new shapes after this many seconds")
+    ap.add_argument("--budget-s", type=float, default=480.0,
+                    help="stop timing new shapes after this many seconds since the script started: setup counts "
+                         "(the mamba-ssm build and the precompile take ~200-250 s on a fresh machine)")
     ap.add_argument("--render", type=Path, help="render a results JSON into BENCHMARKS.md and exit")
     ap.add_argument("--skip-done", type=Path, help="a results JSON of an earlier call on this card: skip the shapes "
                     "and the step benchmark it holds (a call that hit --budget-s is finished by a second call)")
