@@ -246,6 +246,7 @@ class EvalConfig:
     expand: int = 2
     num_experts: int = 8
     top_k: int = 1
+    gate_on_all: bool = False
     steps: int = 300
     batch_size: int = 8
     window: int = 256
@@ -268,7 +269,7 @@ class EvalConfig:
 
     def rom_config(self) -> RoMConfig:
         return RoMConfig(d_model=self.d_model, n_layers=self.n_layers, expand=self.expand,
-                         num_experts=self.num_experts, top_k=self.top_k)
+                         num_experts=self.num_experts, top_k=self.top_k, gate_on_all=self.gate_on_all)
 
 
 def _count(cfg: RoMConfig, types: dict[str, int]) -> tuple[int, int]:
@@ -306,7 +307,8 @@ def param_report(configs: dict[str, RoMConfig], types: dict[str, int]) -> dict[s
     for name, c in configs.items():
         total, active = _count(c, types)
         out[name] = {"d_model": c.d_model, "n_layers": c.n_layers, "expand": c.expand, "num_experts": c.num_experts,
-                     "top_k": c.top_k if c.num_experts else None, "total": total, "active": active,
+                     "top_k": c.top_k if c.num_experts else None,
+                     "gate_on_all": c.gate_on_all if c.num_experts else None, "total": total, "active": active,
                      "total_vs_rom_total": total / rom_total, "active_vs_rom_active": active / rom_active}
     return out
 
@@ -582,7 +584,8 @@ LABELS = {"rom": "RoM (E={E}, K={K})", "dense_active": "dense Mamba, = active", 
 
 def _label(method: str, metrics: dict) -> str:
     p = metrics["methods"][method].get("params", {})
-    return LABELS[method].format(E=p.get("num_experts"), K=p.get("top_k"))
+    label = LABELS[method].format(E=p.get("num_experts"), K=p.get("top_k"))
+    return label + ", gate on W_x, W_z, W_o" if p.get("gate_on_all") else label
 
 
 def _cell(v: float, s: float, digits: int = 3) -> str:

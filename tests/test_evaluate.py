@@ -216,3 +216,27 @@ def test_cli_lr_reaches_the_training_config(monkeypatch):
     for bad in ("0", "-1e-3", "nan", "inf", "fast"):
         with pytest.raises(SystemExit):
             main(["evaluate", "--dataset", "synthetic", "--lr", bad])
+
+
+def test_cli_gate_on_all_reaches_the_rom_model_only(monkeypatch):
+    """`--gate-on-all` (ROM_SPEC 2's ablation: the gate weights W_x and W_z too) reaches the RoM config, the parameter
+    report and the table's label; the dense baselines have no gate and report none; off by default."""
+    import pipelines.evaluate as ev
+
+    seen = {}
+
+    def fake_evaluate(data, cfg, progress=None):
+        seen["cfg"] = cfg
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(ev, "evaluate", fake_evaluate)
+    with pytest.raises(RuntimeError, match="stop here"):
+        main(["evaluate", "--dataset", "synthetic", "--quick", "--days", "1", "--gate-on-all"])
+    cfg = seen["cfg"]
+    assert cfg.gate_on_all and cfg.rom_config().gate_on_all and not EvalConfig().rom_config().gate_on_all
+    types = {"pump": 8}
+    report = ev.param_report(ev.model_configs(cfg, types), types)
+    assert report["rom"]["gate_on_all"] is True and report["dense_total"]["gate_on_all"] is None
+    metrics = {"methods": {m: {"params": p} for m, p in report.items()}}
+    assert ev._label("rom", metrics) == "RoM (E=8, K=1), gate on W_x, W_z, W_o"
+    assert ev._label("dense_active", metrics) == "dense Mamba, = active"

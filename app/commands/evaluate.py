@@ -67,6 +67,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layers", type=_positive_int, default=2, help="RoM model layers (default 2)")
     p.add_argument("--experts", type=_positive_int, default=8, help="RoM experts E (default 8)")
     p.add_argument("--top-k", type=_positive_int, default=1, help="experts per token K (default 1)")
+    p.add_argument("--gate-on-all", action="store_true",
+                   help="RoM: weight W_x and W_z by the gate too, not only W_o (ROM_SPEC 2's ablation)")
     p.add_argument("--days", type=float, default=None, help="synthetic: days of plant data (default 14; quick 6)")
     p.add_argument("--plant-seed", type=int, default=0, help="synthetic: generator seed (default 0)")
     p.add_argument("--tracking-uri", default=None, metavar="URI", help="MLflow tracking URI to log the evaluation to")
@@ -94,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
             preset[key] = getattr(args, key)
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else METHODS
     cfg = EvalConfig(seeds=tuple(range(args.seeds)), methods=methods, d_model=args.d_model, n_layers=args.layers,
-                     expand=args.expand, num_experts=args.experts, top_k=args.top_k, steps=preset["steps"],
+                     expand=args.expand, num_experts=args.experts, top_k=args.top_k,
+                     gate_on_all=args.gate_on_all, steps=preset["steps"],
                      window=preset["window"], batch_size=preset["batch_size"],
                      steps_per_epoch=preset["steps_per_epoch"],
                      warmup_steps=min(20, preset["steps"]), lr=args.lr, device=args.device)
