@@ -1277,9 +1277,11 @@ def _base_config(b: int, d: int, L: int, dtype: torch.dtype, device: torch.devic
             # forward with checkpoints 6.25 ms (bf16) / 6.81 (fp32) at 5 segments, 5.75 / 5.77 at 11 (2 waves);
             # 1 x 1536 x 1M 24.7 at 33, 24.2 at 66.
             n_seg = 1 if warps1 >= 6 * sms else _wave_segments(warps1, 16 * sms, 2, cdiv(L, 4 * ck_default))
-            # N_POLY: 3 polynomial exponentials per step in fp32 (H200, session 14, two calls: 8 x 4096 x 32768
-            # fp32 forward 1.028x / 1.031x of N_POLY 2; 1 and 4 slower: 0.86x here, 0.95x in session 4)
-            n_poly = 3 if dtype == torch.float32 else 2
+            # N_POLY: 3 polynomial exponentials per step in fp32 with one segment (H200, session 14, forward vs
+            # N_POLY 2: 8 x 4096 x 32768 1.028x / 1.031x in two calls, 8 x 4096 x 2048 1.016x; 1 and 4 slower there:
+            # 0.86x, 0.95x in session 4); with segments 2 stays (8 x 1536 x 8192 0.976x, 8 x 1536 x 2048 0.986x,
+            # 1 x 1536 x 1M 0.995x at 3)
+            n_poly = 3 if dtype == torch.float32 and n_seg == 1 else 2
             cfg = {"G": 1, "BLOCK_D": 32, "T": 8, "STAGES": 3, "num_warps": 1, "n_seg": n_seg, "N_POLY": n_poly}
     cfg["n_seg"] = max(1, min(cfg["n_seg"], cdiv(L, 4 * ck_default)))
     return cfg
