@@ -198,9 +198,9 @@ def test_cli_expand_reaches_rom_and_dense_configs(tmp_path):
         main(["evaluate", "--dataset", "synthetic", "--expand", "0"])
 
 
-def test_cli_lr_reaches_the_training_config(monkeypatch):
-    """`--lr` sets every neural model's learning rate (EvalConfig.lr, handed to the training loop); a value that is
-    not a finite number > 0 is refused by the parser, naming what it expected."""
+def _config_of(monkeypatch, *extra: str) -> EvalConfig:
+    """The EvalConfig that `rmamba evaluate --dataset synthetic --quick --days 1 *extra` builds (the evaluation itself
+    is stopped before it starts)."""
     import pipelines.evaluate as ev
 
     seen = {}
@@ -211,8 +211,14 @@ def test_cli_lr_reaches_the_training_config(monkeypatch):
 
     monkeypatch.setattr(ev, "evaluate", fake_evaluate)
     with pytest.raises(RuntimeError, match="stop here"):
-        main(["evaluate", "--dataset", "synthetic", "--quick", "--days", "1", "--lr", "1e-2"])
-    assert seen["cfg"].lr == 1e-2 and EvalConfig().lr == 3e-3
+        main(["evaluate", "--dataset", "synthetic", "--quick", "--days", "1", *extra])
+    return seen["cfg"]
+
+
+def test_cli_lr_reaches_the_training_config(monkeypatch):
+    """`--lr` sets every neural model's learning rate (EvalConfig.lr, handed to the training loop); a value that is
+    not a finite number > 0 is refused by the parser, naming what it expected."""
+    assert _config_of(monkeypatch, "--lr", "1e-2").lr == 1e-2 and EvalConfig().lr == 3e-3
     for bad in ("0", "-1e-3", "nan", "inf", "fast"):
         with pytest.raises(SystemExit):
             main(["evaluate", "--dataset", "synthetic", "--lr", bad])
@@ -223,16 +229,7 @@ def test_cli_gate_on_all_reaches_the_rom_model_only(monkeypatch):
     report and the table's label; the dense baselines have no gate and report none; off by default."""
     import pipelines.evaluate as ev
 
-    seen = {}
-
-    def fake_evaluate(data, cfg, progress=None):
-        seen["cfg"] = cfg
-        raise RuntimeError("stop here")
-
-    monkeypatch.setattr(ev, "evaluate", fake_evaluate)
-    with pytest.raises(RuntimeError, match="stop here"):
-        main(["evaluate", "--dataset", "synthetic", "--quick", "--days", "1", "--gate-on-all"])
-    cfg = seen["cfg"]
+    cfg = _config_of(monkeypatch, "--gate-on-all")
     assert cfg.gate_on_all and cfg.rom_config().gate_on_all and not EvalConfig().rom_config().gate_on_all
     types = {"pump": 8}
     report = ev.param_report(ev.model_configs(cfg, types), types)
