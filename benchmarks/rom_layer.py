@@ -126,6 +126,30 @@ def count_syncs(fn, device: torch.device) -> int | None:
     return counts[-1]
 
 
+def host_profile(fn, device: torch.device, top: int) -> dict:
+    """Where one fn() spends host time, by torch op (torch.profiler, CPU activity only, after one warm call): the
+    number of aten ops and their summed self CPU time, the step's host wall time, and the ``top`` ops by self CPU time
+    (name, calls, self us). What the ops leave unexplained of the wall time is Python and kernel launches outside
+    torch (Triton's launcher)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        fn()
+        wall_us = (time.perf_counter() - t0) * 1e6
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    aten = [e for e in events if e.key.startswith("aten::")]
+    rows = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return {"wall_us": wall_us, "aten_ops": sum(e.count for e in aten),
+            "aten_self_us": sum(e.self_cpu_time_total for e in aten),
+            "top": [{"op": e.key, "calls": e.count, "self_us": e.self_cpu_time_total} for e in rows]}
+
+
 @contextmanager
 def torch_path():
     """The layer on plain torch ops where it has a GPU kernel of its own besides the scan: the routed projections
@@ -212,6 +236,15 @@ def run(args: argparse.Namespace) -> dict:
             times += t
             host += hs
             row["round_medians"].append(statistics.median(t))
+    if getattr(args, "profile_ops", 0):
+        for row, step, grouped, _, _ in runs:
+            if row["name"] in ("dense", "rom E=8 K=1"):
+                with _path(grouped):
+                    row["host_profile"] = prof = host_profile(step, device, args.profile_ops)
+                print(f"{row['name']}: host {prof['wall_us']:.0f} us per step, {prof['aten_ops']} aten ops, "
+                      f"{prof['aten_self_us']:.0f} us of their self time", flush=True)
+                for r in prof["top"]:
+                    print(f"  {r['self_us']:9.0f} us x{r['calls']:4d} {r['op']}", flush=True)
     rows = []
     for row, _, _, times, host in runs:
         rows.append({**row, "median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
@@ -289,6 +322,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--length", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=10, help="timings per variant and round")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds over all variants")
+    p.add_argument("--profile-ops", type=int, default=0, metavar="N",
+                   help="after timing, profile one step of the dense and the RoM E=8 K=1 layer on the host and list "
+                        "the N torch ops with the most self CPU time (kept in the JSON as host_profile)")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     p.add_argument("--render", type=Path, help="only write BENCHMARKS.md from a saved JSON")
     p.add_argument("--no-write", action="store_true")

@@ -34,3 +34,18 @@ def test_rounds_time_every_variant_and_the_table_renders():
                            for r in res["rows"]]}
     del old["rounds"]
     assert "Median (min-max) of 2 timings" in rom_layer.render(old)
+
+
+def test_host_profile_lists_the_ops_of_the_dense_and_rom_steps(capsys):
+    """--profile-ops N: one profiled step each of the dense and the RoM E=8 K=1 layer, with their aten op counts and
+    the N ops of most host time; the other rows carry none."""
+    torch.set_num_threads(1)
+    args = argparse.Namespace(device="cpu", d_model=16, batch=1, length=8, repeats=1, rounds=1, profile_ops=4)
+    res = rom_layer.run(args)
+    prof = {r["name"]: r.get("host_profile") for r in res["rows"]}
+    assert set(k for k, v in prof.items() if v) == {"dense", "rom E=8 K=1"}
+    for p in (prof["dense"], prof["rom E=8 K=1"]):
+        assert p["aten_ops"] > 0 and 0 < p["aten_self_us"] and p["wall_us"] > 0 and len(p["top"]) == 4
+        assert all(r["calls"] >= 1 and r["self_us"] >= 0 for r in p["top"])
+    assert prof["rom E=8 K=1"]["aten_ops"] > prof["dense"]["aten_ops"]      # the router, the slot moves, the experts
+    assert "aten ops" in capsys.readouterr().out
