@@ -43,15 +43,20 @@ def _pre(x_row, i_row, w_ptr, cc, cm, bias, u, L, W: tl.constexpr, HAS_INIT: tl.
 
 
 @triton.jit
+def _tile_index(C, BC: tl.constexpr, BT: tl.constexpr):
+    """This program's channels cc (mask cm), times tt, batch row pb (int64) and channels as an int64 column c64."""
+    pb = tl.program_id(1).to(tl.int64)
+    cc = tl.program_id(2) * BC + tl.arange(0, BC)
+    tt = tl.program_id(0) * BT + tl.arange(0, BT)
+    return cc, cc < C, tt, pb, cc.to(tl.int64)[:, None]
+
+
+@triton.jit
 def _tile(x_ptr, b_ptr, i_ptr, C, s_xb, s_xc, W: tl.constexpr, HAS_BIAS: tl.constexpr, BC: tl.constexpr,
           BT: tl.constexpr):
     """This program's tile: channels cc (mask cm), times tt, its rows of x and of the carried window, the rows'
     offset in the contiguous (batch, C, L) tensors, and the bias as a (BC, BT) fp32 tile."""
-    pb = tl.program_id(1).to(tl.int64)
-    cc = tl.program_id(2) * BC + tl.arange(0, BC)
-    tt = tl.program_id(0) * BT + tl.arange(0, BT)
-    cm = cc < C
-    c64 = cc.to(tl.int64)[:, None]
+    cc, cm, tt, pb, c64 = _tile_index(C, BC, BT)
     bias = tl.zeros((BC, BT), dtype=tl.float32)
     if HAS_BIAS:
         bias += tl.load(b_ptr + cc, mask=cm, other=0.0).to(tl.float32)[:, None]
@@ -93,7 +98,8 @@ def _conv_dpre_kernel(x_ptr, w_ptr, b_ptr, i_ptr, dy_ptr, dp_ptr, part_ptr, C, L
 @triton.jit
 def _conv_dx_kernel(dp_ptr, w_ptr, dx_ptr, C, L, W: tl.constexpr, BC: tl.constexpr, BT: tl.constexpr):
     """Backward pass 2: dx[t] = sum_j w[W-1-j] * dpre[t + j] (dpre = 0 from L on); dp, dx contiguous (batch, C, L)."""
-    cc, cm, tt, _, _, row, _ = _tile(dp_ptr, w_ptr, dp_ptr, C, 0, 0, W, False, BC, BT)   # only the tile's indices
+    cc, cm, tt, pb, c64 = _tile_index(C, BC, BT)
+    row = pb * C + c64
     t = tt[None, :]
     dx = tl.zeros((BC, BT), dtype=tl.float32)
     for j in tl.static_range(W):            # x[t] feeds the output at t + j through tap W-1-j
